@@ -1,0 +1,355 @@
+//! The agent's life: discover, attach, run the target, and on the way out
+//! detach, flush and report. The stages live in their own modules; this one
+//! only wires them together and owns shutdown.
+
+use std::{
+    fmt::Write as _,
+    path::PathBuf,
+    sync::{atomic::Ordering, Arc},
+};
+
+use anyhow::{bail, Context as _};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::{
+    assembly::{Assembler, Clock},
+    attach::{Probes, ReturnMechanism},
+    config::{Config, Target},
+    discovery::{FunctionTable, ProbeCost},
+    events::{self, KernelCounters, Reader, ReaderStats},
+    export::{ExportContext, Exporters},
+    process::{self, ExitKind, GatedChild, ProcessError},
+};
+
+/// How the agent should end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Exit with this code.
+    Exit(i32),
+    /// End the way the traced command ended: killed by this signal.
+    Signal(i32),
+}
+
+/// Runs the agent to the end. Must be called before any other thread starts
+/// (a command is forked from here).
+pub fn run(config: Config) -> anyhow::Result<Outcome> {
+    let (binary, attach_path) = match &config.target {
+        Target::Pid(pid) => {
+            let exe = process::executable_of(*pid)?;
+            (exe.clone(), exe)
+        }
+        Target::Binary(path) => {
+            if !path.exists() {
+                return Err(ProcessError::NoSuchFile(path.clone()).into());
+            }
+            (path.clone(), path.clone())
+        }
+        Target::Command(argv) => {
+            let path = process::resolve_command(&argv[0])?;
+            (path.clone(), path)
+        }
+    };
+
+    let table = FunctionTable::discover(&binary, &config.selection)?;
+    if !table.has_dwarf {
+        tracing::warn!(
+            "{} has no DWARF debug info: tracing functions from the symbol table, without \
+             file:line and without applying the project root (runtime and libc symbols are left \
+             out); build with -g for both",
+            binary.display()
+        );
+    }
+    if config.list_only {
+        let mechanism = ReturnMechanism::choose(config.return_probes, &table)?;
+        print!("{}", describe_table(&table, mechanism));
+        return Ok(Outcome::Exit(0));
+    }
+    if table.functions.is_empty() {
+        bail!(
+            "no function of {} to trace: none has its source under the project root {} \
+             ({} function symbols skipped: {}); set OMEGI_PROJECT_ROOT or --project-root to \
+             the directory of your sources",
+            binary.display(),
+            config.selection.project_root.display(),
+            table.skipped_total(),
+            skip_summary(&table),
+        );
+    }
+    let mechanism = ReturnMechanism::choose(config.return_probes, &table)?;
+
+    let child = match &config.target {
+        Target::Command(argv) => Some(GatedChild::spawn(&binary, argv)?),
+        _ => None,
+    };
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let outcome = runtime.block_on(trace(config, table, attach_path, mechanism, child));
+    // A waiting `waitpid` may still sit in the blocking pool.
+    runtime.shutdown_background();
+    outcome
+}
+
+/// Why tracing stopped.
+enum Ending {
+    /// The started command ended.
+    ChildEnded(ExitKind),
+    /// The traced process (or every process) is gone.
+    TargetExited,
+    /// Ctrl-C or SIGTERM.
+    Interrupted,
+}
+
+async fn trace(
+    config: Config,
+    table: FunctionTable,
+    attach_path: PathBuf,
+    mechanism: ReturnMechanism,
+    child: Option<GatedChild>,
+) -> anyhow::Result<Outcome> {
+    let (mut probes, maps) = Probes::load(&config.kernel)?;
+    let report = probes.attach_functions(&table, &attach_path, mechanism)?;
+    tracing::info!(
+        "tracing {} functions of {} ({} entry and {} exit probes; returns by {})",
+        report.functions,
+        table.binary.display(),
+        report.entry_probes,
+        report.exit_probes,
+        mechanism.as_str(),
+    );
+
+    let table = Arc::new(table);
+    let context = Arc::new(ExportContext {
+        functions: Arc::clone(&table),
+        service_name: config.service_name.clone(),
+        project_root: config.selection.project_root.clone(),
+    });
+    let exporters = Exporters::start(&config, context)?;
+    let reader_stats = Arc::new(ReaderStats::default());
+    let assembler = Assembler::new(Clock::now(), config.max_trace_spans, config.flow_rate);
+    let reader = Reader::start(
+        maps,
+        assembler,
+        exporters.dispatcher.clone(),
+        Arc::clone(&reader_stats),
+        config.drain_interval,
+    )?;
+
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let ending = match (&config.target, child) {
+        (Target::Command(_), Some(child)) => {
+            probes.trace_process(child.pid())?;
+            let pid = child.release()?;
+            let mut waiting = tokio::task::spawn_blocking(move || process::wait_child(pid));
+            let mut signals_seen = 0;
+            loop {
+                tokio::select! {
+                    ended = &mut waiting => break Ending::ChildEnded(ended?),
+                    _ = interrupt.recv() => {
+                        // The terminal sent SIGINT to the program too.
+                        signals_seen += 1;
+                    }
+                    _ = terminate.recv() => {
+                        signals_seen += 1;
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid as i32),
+                            nix::sys::signal::Signal::SIGTERM,
+                        );
+                    }
+                }
+                if signals_seen > 1 {
+                    tracing::warn!("stopping: the program {pid} keeps running untraced");
+                    break Ending::Interrupted;
+                }
+                tracing::info!(
+                    "waiting for the program to exit (signal again to stop tracing now)"
+                );
+            }
+        }
+        (Target::Pid(pid), _) => {
+            let pid = *pid;
+            probes.trace_process(pid)?;
+            if !process::is_alive(pid) {
+                return Err(ProcessError::ExitedDuringAttach(pid).into());
+            }
+            tokio::select! {
+                exited = process::wait_exit(pid) => { exited?; Ending::TargetExited }
+                _ = interrupt.recv() => Ending::Interrupted,
+                _ = terminate.recv() => Ending::Interrupted,
+            }
+        }
+        _ => {
+            tokio::select! {
+                _ = interrupt.recv() => Ending::Interrupted,
+                _ = terminate.recv() => Ending::Interrupted,
+            }
+        }
+    };
+
+    // Shutdown: no new events once detached, then drain, then what is still
+    // running, then let the exporters write out everything they hold.
+    probes.detach();
+    let (maps, mut assembler) = reader.stop();
+    let in_flight = events::calls_in_flight(&maps);
+    for trace in assembler.finish_all(&in_flight, events::now_ns()) {
+        events::hand_on(trace, &exporters.dispatcher, &reader_stats);
+    }
+    let counters = KernelCounters::read(&maps.counters);
+    let exporter_stats = exporters.stats.clone();
+    tokio::task::spawn_blocking(move || exporters.finish()).await?;
+
+    report_summary(&reader_stats, &counters, &exporter_stats, in_flight.len());
+    Ok(match ending {
+        Ending::ChildEnded(ExitKind::Code(code)) => Outcome::Exit(code),
+        Ending::ChildEnded(ExitKind::Signal(signal)) => Outcome::Signal(signal),
+        Ending::TargetExited | Ending::Interrupted => Outcome::Exit(0),
+    })
+}
+
+fn report_summary(
+    reader: &ReaderStats,
+    kernel: &KernelCounters,
+    exporters: &[Arc<crate::export::ExporterStats>],
+    in_flight: usize,
+) {
+    let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+    let mut line = format!(
+        "{} traces, {} spans",
+        load(&reader.traces),
+        load(&reader.spans) + in_flight as u64,
+    );
+    if load(&reader.pieces) > 0 {
+        let _ = write!(line, ", {} partial pieces", load(&reader.pieces));
+    }
+    if in_flight > 0 {
+        let _ = write!(line, ", {in_flight} calls still running at detach");
+    }
+    let mut lost = Vec::new();
+    if kernel.ring_full > 0 {
+        lost.push(format!(
+            "{} spans lost in a full ring buffer",
+            kernel.ring_full
+        ));
+    }
+    if kernel.depth_overflow > 0 {
+        lost.push(format!(
+            "{} calls not traced beyond depth {}",
+            kernel.depth_overflow,
+            omegi_common::MAX_DEPTH
+        ));
+    }
+    if kernel.threads_full > 0 {
+        lost.push(format!(
+            "{} calls not traced: thread table full",
+            kernel.threads_full
+        ));
+    }
+    if load(&reader.malformed) > 0 {
+        lost.push(format!("{} unreadable events", load(&reader.malformed)));
+    }
+    for stats in exporters {
+        let _ = write!(
+            line,
+            "; {}: {} spans exported",
+            stats.name,
+            load(&stats.spans)
+        );
+        let queue_full = load(&stats.queue_full_spans);
+        let failed = load(&stats.failed_spans);
+        if queue_full > 0 {
+            lost.push(format!(
+                "{queue_full} spans dropped, {} queue full",
+                stats.name
+            ));
+        }
+        if failed > 0 {
+            lost.push(format!("{failed} spans failed to export to {}", stats.name));
+        }
+    }
+    if lost.is_empty() {
+        tracing::info!("{line}; nothing dropped");
+    } else {
+        tracing::info!("{line}");
+        tracing::warn!("dropped: {}", lost.join("; "));
+    }
+}
+
+/// `--list`: what would be traced and what was skipped.
+pub fn describe_table(table: &FunctionTable, mechanism: ReturnMechanism) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} functions would be traced in {} (debug info: {}; returns by {}{})",
+        table.functions.len(),
+        table.binary.display(),
+        if table.has_dwarf {
+            "DWARF"
+        } else {
+            "none, symbol table only"
+        },
+        mechanism.as_str(),
+        if table.can_unwind {
+            ", the binary can unwind"
+        } else {
+            ""
+        },
+    );
+    for function in &table.functions {
+        let entry = function.code.entry.as_ref().map_or(String::new(), |site| {
+            format!(
+                "entry +{} {}{}",
+                site.address - function.address,
+                site.mnemonic,
+                if site.cost == ProbeCost::Emulated {
+                    ""
+                } else {
+                    " (single-stepped)"
+                }
+            )
+        });
+        let returns = function
+            .code
+            .exits
+            .iter()
+            .filter(|exit| exit.kind == crate::discovery::ExitKind::Return)
+            .count();
+        let tail_jumps = function.code.exits.len() - returns;
+        let mut exits = format!("{returns} ret");
+        if tail_jumps > 0 {
+            let _ = write!(exits, ", {tail_jumps} tail jmp");
+        }
+        if !function.code.exits_complete() {
+            exits.push_str(", other exits closed by stack pointer");
+        }
+        let _ = writeln!(
+            out,
+            "  {}  {}  {entry}  exits: {exits}",
+            function.name,
+            function.location().unwrap_or_else(|| "-".into()),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "{} function symbols skipped: {}",
+        table.skipped_total(),
+        skip_summary(table)
+    );
+    out
+}
+
+fn skip_summary(table: &FunctionTable) -> String {
+    let mut reasons: Vec<_> = table.skipped.iter().collect();
+    reasons.sort();
+    if reasons.is_empty() {
+        return "none".into();
+    }
+    reasons
+        .iter()
+        .map(|(reason, count)| format!("{count} {reason}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}

@@ -1,0 +1,133 @@
+//! The command line. Values that can also come from `OMEGI_*` variables are
+//! taken as strings here and checked in [`config`](crate::config), where the
+//! error can name the variable.
+
+use std::{ffi::OsString, path::PathBuf};
+
+use clap::{ArgGroup, Parser, ValueEnum};
+
+use crate::attach::ReturnProbes;
+
+const EXAMPLES: &str = "\
+Examples:
+  sudo omegi-agent --pid 4242                 trace a running process
+  sudo omegi-agent -- ./server --port 8080    start a program under tracing
+  sudo omegi-agent --binary /app/server       every process of a binary, now and later
+  omegi-agent --list --binary ./server        what would be traced, without attaching
+
+Every OMEGI_* variable can also be given as the flag beside it; a flag wins.";
+
+/// Traces the user's own functions in a running program with eBPF uprobes and
+/// ships every call as a span.
+#[derive(Debug, Parser)]
+#[command(name = "omegi-agent", version, about, after_help = EXAMPLES)]
+#[command(group(ArgGroup::new("target").required(true).args(["pid", "binary", "command"])))]
+pub struct Cli {
+    /// Trace the running process PID (and the children it forks).
+    #[arg(short, long, value_name = "PID")]
+    pub pid: Option<String>,
+
+    /// Trace every process that runs the executable PATH, now and later.
+    #[arg(short, long, value_name = "PATH")]
+    pub binary: Option<PathBuf>,
+
+    /// Start CMD with ARGS under tracing; probes are in place before it runs.
+    #[arg(last = true, value_name = "CMD [ARGS]")]
+    pub command: Vec<OsString>,
+
+    /// Print the functions that would be traced, and what was skipped, then
+    /// exit without attaching.
+    #[arg(long)]
+    pub list: bool,
+
+    /// Functions whose source file lies under this directory are traced.
+    #[arg(
+        long,
+        env = "OMEGI_PROJECT_ROOT",
+        default_value = "/app",
+        value_name = "DIR"
+    )]
+    pub project_root: PathBuf,
+
+    /// Trace only functions whose demangled name matches GLOB (repeatable).
+    #[arg(long, value_name = "GLOB")]
+    pub include: Vec<String>,
+
+    /// Do not trace functions whose demangled name matches GLOB (repeatable).
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
+
+    /// Name of the traced service, as registered on the Omegi web page.
+    #[arg(long, env = "OMEGI_SERVICE_NAME", default_value = "test-server")]
+    pub service_name: String,
+
+    /// Where spans go: a comma-separated list of console, kafka, otlp.
+    #[arg(
+        long = "exporter",
+        env = "OMEGI_EXPORTER_KIND",
+        default_value = "console",
+        value_name = "KINDS"
+    )]
+    pub exporter: String,
+
+    /// One ordinary trace in N is exported (errors always are); an integer ≥ 1.
+    #[arg(long, env = "OMEGI_FLOW_RATE", default_value = "5", value_name = "N")]
+    pub flow_rate: String,
+
+    /// Console output: a call tree per trace, or one JSON object per span.
+    #[arg(long, value_enum, default_value = "tree")]
+    pub format: ConsoleFormat,
+
+    /// Write console output to PATH instead of stdout.
+    #[arg(short, long, value_name = "PATH")]
+    pub output: Option<PathBuf>,
+
+    /// A call made by a function that has been running longer than this
+    /// starts a trace of its own (so each request under a long-lived loop is
+    /// one trace); 0 turns it off.
+    #[arg(long, default_value = "1s", value_name = "DURATION")]
+    pub split_after: String,
+
+    /// A trace with more ended spans than this is exported in pieces.
+    #[arg(long, default_value_t = 10_000, value_name = "N")]
+    pub max_trace_spans: usize,
+
+    /// How calls' returns are seen: auto uses uretprobes only where the binary
+    /// cannot unwind.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub return_probes: ReturnProbes,
+
+    /// Traces waiting for each exporter; when full, traces are dropped and
+    /// counted.
+    #[arg(long, default_value_t = 4096, value_name = "N")]
+    pub queue_size: usize,
+
+    /// Size of the kernel-to-agent ring buffer (power of two).
+    #[arg(long, default_value = "8MiB", value_name = "SIZE")]
+    pub ring_size: String,
+
+    /// How often the ring buffer is drained.
+    #[arg(long, default_value = "10ms", value_name = "DURATION", hide = true)]
+    pub drain_interval: String,
+
+    /// Show the eBPF programs' own diagnostics.
+    #[arg(long)]
+    pub debug_ebpf: bool,
+
+    /// Only warnings and errors on stderr (drops are always reported).
+    #[arg(short, long, conflicts_with = "verbose")]
+    pub quiet: bool,
+
+    /// More detail on stderr (repeat for more).
+    #[arg(short, long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+}
+
+/// Format of the console exporter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ConsoleFormat {
+    /// A readable call tree per trace, with durations.
+    Tree,
+    /// One JSON object per span, one per line (OpenTelemetry field names).
+    Json,
+}

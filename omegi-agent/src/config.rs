@@ -1,0 +1,298 @@
+//! Configuration: the command line and `OMEGI_*` variables, checked once at
+//! start. Every bad value is rejected with one line naming the variable (or
+//! flag) and what it accepts.
+
+use std::{ffi::OsString, path::PathBuf, time::Duration};
+
+use crate::{
+    attach::{KernelOptions, ReturnProbes},
+    cli::{Cli, ConsoleFormat},
+    discovery::Selection,
+};
+
+/// A value that cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[error("{name} = {value:?} is not valid: {expected}")]
+pub struct ConfigError {
+    /// The variable and flag, e.g. `OMEGI_FLOW_RATE (--flow-rate)`.
+    pub name: &'static str,
+    pub value: String,
+    pub expected: String,
+}
+
+/// What to trace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// A running process.
+    Pid(u32),
+    /// A command to start.
+    Command(Vec<OsString>),
+    /// Every process of an executable.
+    Binary(PathBuf),
+}
+
+/// Where spans go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ExporterKind {
+    Console,
+}
+
+impl ExporterKind {
+    pub const ALL: &'static [(&'static str, ExporterKind)] = &[("console", ExporterKind::Console)];
+
+    pub fn name(self) -> &'static str {
+        Self::ALL
+            .iter()
+            .find(|(_, kind)| *kind == self)
+            .map(|(name, _)| *name)
+            .unwrap_or("?")
+    }
+}
+
+/// Settings of the console exporter.
+#[derive(Clone, Debug)]
+pub struct ConsoleOptions {
+    pub format: ConsoleFormat,
+    /// `None` writes to stdout.
+    pub output: Option<PathBuf>,
+}
+
+/// Everything the agent runs with.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub target: Target,
+    pub list_only: bool,
+    pub selection: Selection,
+    pub service_name: String,
+    pub exporters: Vec<ExporterKind>,
+    pub flow_rate: u32,
+    pub console: ConsoleOptions,
+    pub kernel: KernelOptions,
+    pub return_probes: ReturnProbes,
+    pub max_trace_spans: usize,
+    pub queue_size: usize,
+    pub drain_interval: Duration,
+}
+
+impl Config {
+    /// Checks the command line (with the environment folded in by clap).
+    pub fn from_cli(cli: Cli) -> Result<Self, ConfigError> {
+        let target = match (cli.pid, cli.binary, cli.command) {
+            (Some(pid), _, _) => Target::Pid(parse_pid(&pid)?),
+            (None, Some(binary), _) => Target::Binary(binary),
+            (None, None, command) => Target::Command(command),
+        };
+        let split_after = parse_duration("--split-after", &cli.split_after)?;
+        let kernel = KernelOptions {
+            split_after,
+            all_processes: matches!(target, Target::Binary(_)),
+            ring_size: parse_ring_size(&cli.ring_size)?,
+            debug_ebpf: cli.debug_ebpf,
+        };
+        Ok(Self {
+            target,
+            list_only: cli.list,
+            selection: Selection {
+                project_root: parse_project_root(cli.project_root)?,
+                include: cli.include,
+                exclude: cli.exclude,
+            },
+            service_name: parse_service_name(cli.service_name)?,
+            exporters: parse_exporters(&cli.exporter)?,
+            flow_rate: parse_flow_rate(&cli.flow_rate)?,
+            console: ConsoleOptions {
+                format: cli.format,
+                output: cli.output,
+            },
+            kernel,
+            return_probes: cli.return_probes,
+            max_trace_spans: positive("--max-trace-spans", cli.max_trace_spans)?,
+            queue_size: positive("--queue-size", cli.queue_size)?,
+            drain_interval: parse_duration("--drain-interval", &cli.drain_interval)?,
+        })
+    }
+}
+
+fn parse_pid(value: &str) -> Result<u32, ConfigError> {
+    match value.trim().parse::<u32>() {
+        Ok(pid) if pid > 0 => Ok(pid),
+        _ => Err(ConfigError {
+            name: "--pid",
+            value: value.into(),
+            expected: "a process id (a positive integer)".into(),
+        }),
+    }
+}
+
+fn parse_project_root(root: PathBuf) -> Result<PathBuf, ConfigError> {
+    if root.is_absolute() {
+        Ok(root)
+    } else if root.as_os_str().is_empty() {
+        Err(ConfigError {
+            name: "OMEGI_PROJECT_ROOT (--project-root)",
+            value: String::new(),
+            expected: "a directory".into(),
+        })
+    } else {
+        // A relative root means "relative to where I am", as a shell user expects.
+        Ok(std::env::current_dir()
+            .map(|dir| dir.join(&root))
+            .unwrap_or(root))
+    }
+}
+
+fn parse_service_name(name: String) -> Result<String, ConfigError> {
+    if name.trim().is_empty() {
+        return Err(ConfigError {
+            name: "OMEGI_SERVICE_NAME (--service-name)",
+            value: name,
+            expected: "a non-empty name".into(),
+        });
+    }
+    Ok(name)
+}
+
+/// `OMEGI_EXPORTER_KIND`: a comma list of known exporters.
+pub fn parse_exporters(value: &str) -> Result<Vec<ExporterKind>, ConfigError> {
+    let known = || {
+        let names: Vec<_> = ExporterKind::ALL.iter().map(|(name, _)| *name).collect();
+        format!("a comma-separated list of {}", names.join(", "))
+    };
+    let mut kinds = Vec::new();
+    for part in value.split(',').map(str::trim) {
+        let kind = ExporterKind::ALL
+            .iter()
+            .find(|(name, _)| name.eq_ignore_ascii_case(part))
+            .map(|(_, kind)| *kind)
+            .ok_or_else(|| ConfigError {
+                name: "OMEGI_EXPORTER_KIND (--exporter)",
+                value: value.into(),
+                expected: known(),
+            })?;
+        if !kinds.contains(&kind) {
+            kinds.push(kind);
+        }
+    }
+    Ok(kinds)
+}
+
+/// `OMEGI_FLOW_RATE`: an integer ≥ 1.
+pub fn parse_flow_rate(value: &str) -> Result<u32, ConfigError> {
+    match value.trim().parse::<u32>() {
+        Ok(rate) if rate >= 1 => Ok(rate),
+        _ => Err(ConfigError {
+            name: "OMEGI_FLOW_RATE (--flow-rate)",
+            value: value.into(),
+            expected: "an integer ≥ 1 (one ordinary trace in N is exported)".into(),
+        }),
+    }
+}
+
+fn parse_duration(name: &'static str, value: &str) -> Result<Duration, ConfigError> {
+    if value.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(value.trim()).map_err(|_| ConfigError {
+        name,
+        value: value.into(),
+        expected: "a duration such as 500ms, 1s or 2m (0 for none)".into(),
+    })
+}
+
+fn parse_ring_size(value: &str) -> Result<u32, ConfigError> {
+    let error = || ConfigError {
+        name: "--ring-size",
+        value: value.into(),
+        expected: "a power of two of at least 4KiB and at most 1GiB, e.g. 8MiB".into(),
+    };
+    let trimmed = value.trim();
+    let (digits, multiplier) = [("KiB", 1u64 << 10), ("MiB", 1 << 20), ("GiB", 1 << 30)]
+        .iter()
+        .find_map(|(suffix, multiplier)| {
+            trimmed
+                .strip_suffix(suffix)
+                .map(|digits| (digits, *multiplier))
+        })
+        .unwrap_or((trimmed, 1));
+    let bytes = digits
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(multiplier))
+        .ok_or_else(error)?;
+    if bytes.is_power_of_two() && (4096..=1 << 30).contains(&bytes) {
+        Ok(bytes as u32)
+    } else {
+        Err(error())
+    }
+}
+
+fn positive(name: &'static str, value: usize) -> Result<usize, ConfigError> {
+    if value == 0 {
+        Err(ConfigError {
+            name,
+            value: "0".into(),
+            expected: "a positive integer".into(),
+        })
+    } else {
+        Ok(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flow_rate() {
+        assert_eq!(parse_flow_rate("5").unwrap(), 5);
+        assert_eq!(parse_flow_rate("1").unwrap(), 1);
+        for bad in ["0", "-1", "abc", "1.5", ""] {
+            let error = parse_flow_rate(bad).unwrap_err().to_string();
+            assert!(error.contains("OMEGI_FLOW_RATE"), "{error}");
+        }
+    }
+
+    #[test]
+    fn exporters() {
+        assert_eq!(
+            parse_exporters("console").unwrap(),
+            vec![ExporterKind::Console]
+        );
+        assert_eq!(
+            parse_exporters("console, CONSOLE").unwrap(),
+            vec![ExporterKind::Console]
+        );
+        let error = parse_exporters("carrier-pigeon").unwrap_err().to_string();
+        assert!(
+            error.contains("OMEGI_EXPORTER_KIND") && error.contains("console"),
+            "{error}"
+        );
+        assert!(parse_exporters("").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("x", "0").unwrap(), Duration::ZERO);
+        assert_eq!(
+            parse_duration("x", "250ms").unwrap(),
+            Duration::from_millis(250)
+        );
+        assert!(parse_duration("x", "soon").is_err());
+    }
+
+    #[test]
+    fn ring_sizes() {
+        assert_eq!(parse_ring_size("8MiB").unwrap(), 8 << 20);
+        assert_eq!(parse_ring_size("65536").unwrap(), 65536);
+        assert!(parse_ring_size("3MiB").is_err());
+        assert!(parse_ring_size("1").is_err());
+    }
+
+    #[test]
+    fn pids() {
+        assert_eq!(parse_pid("42").unwrap(), 42);
+        assert!(parse_pid("0").is_err());
+        assert!(parse_pid("x").is_err());
+    }
+}

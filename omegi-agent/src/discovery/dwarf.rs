@@ -1,0 +1,52 @@
+//! Source locations from DWARF, through `addr2line`.
+
+use std::{borrow::Cow, path::PathBuf, rc::Rc};
+
+use addr2line::Context;
+use gimli::{EndianRcSlice, RunTimeEndian};
+use object::{Object, ObjectSection};
+
+use super::DiscoveryError;
+
+type Reader = EndianRcSlice<RunTimeEndian>;
+
+/// Answers "which source file and line is this function in".
+pub struct SourceIndex {
+    context: Context<Reader>,
+}
+
+impl SourceIndex {
+    /// Loads the DWARF sections of `file` (decompressing them if needed).
+    pub fn load(file: &object::File<'_>) -> Result<Self, DiscoveryError> {
+        let endian = RunTimeEndian::Little;
+        let load_section = |id: gimli::SectionId| -> Result<Reader, gimli::Error> {
+            let data = file
+                .section_by_name(id.name())
+                .and_then(|section| section.uncompressed_data().ok())
+                .unwrap_or(Cow::Borrowed(&[]));
+            Ok(EndianRcSlice::new(Rc::from(&*data), endian))
+        };
+        let dwarf = gimli::Dwarf::load(load_section).map_err(DiscoveryError::Dwarf)?;
+        let context = Context::from_dwarf(dwarf).map_err(DiscoveryError::Dwarf)?;
+        Ok(Self { context })
+    }
+
+    /// The file and line of the code at `address`, as written in the function
+    /// that contains it (not in a function inlined there). Relative paths are
+    /// already joined to the compile unit's directory by `addr2line`.
+    pub fn location(&self, address: u64) -> Option<(PathBuf, Option<u32>)> {
+        let mut frames = self.context.find_frames(address).skip_all_loads().ok()?;
+        let mut outermost = None;
+        while let Ok(Some(frame)) = frames.next() {
+            if let Some(location) = frame.location {
+                if let Some(file) = location.file {
+                    outermost = Some((PathBuf::from(file), location.line));
+                }
+            }
+        }
+        outermost.or_else(|| {
+            let location = self.context.find_location(address).ok()??;
+            Some((PathBuf::from(location.file?), location.line))
+        })
+    }
+}

@@ -1,0 +1,83 @@
+//! Opening the target's ELF file and the facts about it that do not depend on
+//! any one function.
+
+use std::path::Path;
+
+use object::{Object, ObjectSection, ObjectSegment, ObjectSymbol};
+
+use super::DiscoveryError;
+
+/// Symbols whose presence means the binary can unwind its stack (C++
+/// exceptions, Rust panics, `pthread_exit`/`pthread_cancel`'s forced unwind).
+/// A uretprobe replaces return addresses on the stack, which such an unwinder
+/// cannot read: the program would die.
+const UNWINDER_SYMBOLS: &[&str] = &[
+    "_Unwind_RaiseException",
+    "_Unwind_Resume",
+    "_Unwind_ForcedUnwind",
+    "__cxa_throw",
+    "__gxx_personality_v0",
+    "rust_eh_personality",
+    "__rust_start_panic",
+    "pthread_exit",
+    "pthread_cancel",
+];
+
+/// Checks that `data` is an ELF file omegi can trace and parses it.
+pub fn parse<'data>(path: &Path, data: &'data [u8]) -> Result<object::File<'data>, DiscoveryError> {
+    let not_elf = || DiscoveryError::NotElf(path.to_owned());
+    if !data.starts_with(b"\x7fELF") {
+        return Err(not_elf());
+    }
+    let file = object::File::parse(data).map_err(|_| not_elf())?;
+    match file.format() {
+        object::BinaryFormat::Elf => {}
+        _ => return Err(not_elf()),
+    }
+    if file.architecture() != object::Architecture::X86_64 || !file.is_64() {
+        return Err(DiscoveryError::UnsupportedArchitecture {
+            path: path.to_owned(),
+            found: format!(
+                "{:?}, {}-bit",
+                file.architecture(),
+                if file.is_64() { 64 } else { 32 }
+            ),
+        });
+    }
+    Ok(file)
+}
+
+/// Whether anything in the binary can unwind through user frames.
+pub fn can_unwind(file: &object::File<'_>) -> bool {
+    file.symbols()
+        .chain(file.dynamic_symbols())
+        .filter_map(|symbol| symbol.name().ok())
+        .any(|name| {
+            // Versioned imports look like `pthread_exit@GLIBC_2.34`.
+            let base = name.split('@').next().unwrap_or(name);
+            UNWINDER_SYMBOLS.contains(&base)
+        })
+}
+
+/// Whether the file carries DWARF debug information.
+pub fn has_dwarf(file: &object::File<'_>) -> bool {
+    file.section_by_name(".debug_info")
+        .is_some_and(|section| section.size() > 0)
+}
+
+/// Maps a virtual address to its offset in the file, the form uprobes take.
+/// PIE executables built by rustc do not have the two equal.
+pub fn file_offset(file: &object::File<'_>, address: u64) -> Option<u64> {
+    file.segments().find_map(|segment| {
+        let (offset, size) = segment.file_range();
+        let start = segment.address();
+        (address >= start && address < start + size).then(|| address - start + offset)
+    })
+}
+
+/// Reads `size` bytes of code at virtual address `address`.
+pub fn code_at<'data>(file: &object::File<'data>, address: u64, size: u64) -> Option<&'data [u8]> {
+    file.sections()
+        .filter(|section| section.kind() == object::SectionKind::Text)
+        .find_map(|section| section.data_range(address, size).ok().flatten())
+}

@@ -1,0 +1,431 @@
+//! Discovery: which functions of the target binary are the user's, and where
+//! each one's probes go.
+//!
+//! The function table is built from the ELF symbol table. DWARF gives each
+//! function its source file and line, and the project root (the seed's
+//! `OMEGI_PROJECT_ROOT`) decides what is user code: a function is traced when
+//! its source file lies under the root. Without DWARF, the symbol table is
+//! used alone, leaving out runtime and C library symbols.
+
+mod code;
+mod dwarf;
+mod elf;
+mod names;
+
+use std::{
+    collections::{HashMap, HashSet},
+    fmt,
+    path::{Component, Path, PathBuf},
+};
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
+
+pub use code::{CodeAnalysis, Exit, ExitKind, ProbeCost, ProbeSite};
+pub use names::demangle;
+
+/// Why discovery could not produce a function table.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0} is not an ELF executable")]
+    NotElf(PathBuf),
+    #[error("{path} is a {found} ELF file; omegi traces x86-64 (64-bit) programs only")]
+    UnsupportedArchitecture { path: PathBuf, found: String },
+    #[error(
+        "{0} is stripped: it has neither a symbol table nor debug info, so its functions \
+         cannot be found; trace an unstripped build (or one with -g)"
+    )]
+    Stripped(PathBuf),
+    #[error("cannot read the DWARF debug info: {0}")]
+    Dwarf(gimli::Error),
+    #[error("invalid --include/--exclude pattern {pattern:?}: {source}")]
+    BadPattern {
+        pattern: String,
+        source: globset::Error,
+    },
+}
+
+/// What decides which functions are traced.
+#[derive(Clone, Debug)]
+pub struct Selection {
+    /// Functions whose source file lies under this directory are user code.
+    pub project_root: PathBuf,
+    /// Globs on demangled names; when not empty, only matching functions.
+    pub include: Vec<String>,
+    /// Globs on demangled names; matching functions are left out.
+    pub exclude: Vec<String>,
+}
+
+/// A function that will be traced.
+#[derive(Clone, Debug)]
+pub struct Function {
+    /// Index in the table; the probes' cookie.
+    pub id: u32,
+    /// Demangled name.
+    pub name: String,
+    /// The linker symbol.
+    pub symbol: String,
+    /// Source file and line, when the binary has DWARF.
+    pub file: Option<PathBuf>,
+    pub line: Option<u32>,
+    /// Virtual address and size of the function's body.
+    pub address: u64,
+    pub size: u64,
+    /// Where the entry probe goes and the ways out found in the code.
+    pub code: CodeAnalysis,
+}
+
+impl Function {
+    /// `file:line`, or the bare file, or nothing.
+    pub fn location(&self) -> Option<String> {
+        let file = self.file.as_ref()?.display();
+        Some(match self.line {
+            Some(line) => format!("{file}:{line}"),
+            None => file.to_string(),
+        })
+    }
+}
+
+/// Why a function symbol was not traced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SkipReason {
+    /// Its source file is not under the project root.
+    OutsideProjectRoot,
+    /// The binary has DWARF, but not for this function (start-up code, libc).
+    NoDebugInfo,
+    /// A runtime or C library symbol (only without DWARF).
+    Runtime,
+    /// Symbol size 0: nothing to probe.
+    ZeroSize,
+    /// Another symbol for the same address is traced.
+    Alias,
+    /// A part of a function the compiler split off (`foo.cold`).
+    SplitPart,
+    /// Left out by `--include`/`--exclude`.
+    Filtered,
+    /// The code could not be read or decoded.
+    Undecodable,
+}
+
+impl fmt::Display for SkipReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::OutsideProjectRoot => "source outside the project root",
+            Self::NoDebugInfo => "no debug info",
+            Self::Runtime => "runtime or libc symbol",
+            Self::ZeroSize => "zero size",
+            Self::Alias => "alias of a traced symbol",
+            Self::SplitPart => "split-off part of a function",
+            Self::Filtered => "left out by --include/--exclude",
+            Self::Undecodable => "code could not be decoded",
+        })
+    }
+}
+
+/// The functions of one binary that omegi traces.
+#[derive(Debug)]
+pub struct FunctionTable {
+    /// The binary the table describes.
+    pub binary: PathBuf,
+    /// Indexed by [`Function::id`].
+    pub functions: Vec<Function>,
+    /// How many function symbols were left out, and why.
+    pub skipped: HashMap<SkipReason, usize>,
+    /// Whether the binary carries DWARF.
+    pub has_dwarf: bool,
+    /// Whether an unwinder in the binary could walk through a uretprobe'd
+    /// frame (and so uretprobes must not be used).
+    pub can_unwind: bool,
+}
+
+impl FunctionTable {
+    /// The function with this id (a probe cookie).
+    pub fn get(&self, id: u32) -> Option<&Function> {
+        self.functions.get(id as usize)
+    }
+
+    /// Loads `binary` and selects its user functions.
+    pub fn discover(binary: &Path, selection: &Selection) -> Result<Self, DiscoveryError> {
+        let data = std::fs::read(binary).map_err(|source| DiscoveryError::Io {
+            path: binary.to_owned(),
+            source,
+        })?;
+        Self::from_bytes(binary, &data, selection)
+    }
+
+    /// As [`discover`](Self::discover), on the file's bytes.
+    pub fn from_bytes(
+        binary: &Path,
+        data: &[u8],
+        selection: &Selection,
+    ) -> Result<Self, DiscoveryError> {
+        let file = elf::parse(binary, data)?;
+        let has_dwarf = elf::has_dwarf(&file);
+        if file.symbols().next().is_none() && !has_dwarf {
+            return Err(DiscoveryError::Stripped(binary.to_owned()));
+        }
+        let sources = has_dwarf
+            .then(|| dwarf::SourceIndex::load(&file))
+            .transpose()?;
+        let filter = NameFilter::new(selection)?;
+        let root = normalize(&selection.project_root);
+
+        let mut table = FunctionTable {
+            binary: binary.to_owned(),
+            functions: Vec::new(),
+            skipped: HashMap::new(),
+            has_dwarf,
+            can_unwind: elf::can_unwind(&file),
+        };
+        let cold_parts = split_parts(&file);
+        let mut seen_addresses = HashSet::new();
+
+        for symbol in file.symbols() {
+            if symbol.kind() != SymbolKind::Text || symbol.is_undefined() {
+                continue;
+            }
+            let Ok(raw_name) = symbol.name() else {
+                continue;
+            };
+            if !in_text_section(&file, &symbol) {
+                continue;
+            }
+            let skip = |table: &mut FunctionTable, reason| {
+                *table.skipped.entry(reason).or_default() += 1;
+            };
+            if is_split_part(raw_name) {
+                skip(&mut table, SkipReason::SplitPart);
+                continue;
+            }
+            if symbol.size() == 0 {
+                skip(&mut table, SkipReason::ZeroSize);
+                continue;
+            }
+            let name = demangle(raw_name);
+            let (file_path, line) = match &sources {
+                Some(sources) => match sources.location(symbol.address()) {
+                    Some((path, line)) => (Some(normalize(&path)), line),
+                    None => {
+                        skip(&mut table, SkipReason::NoDebugInfo);
+                        continue;
+                    }
+                },
+                None => (None, None),
+            };
+            match &file_path {
+                Some(path) if !path.starts_with(&root) => {
+                    skip(&mut table, SkipReason::OutsideProjectRoot);
+                    continue;
+                }
+                None if names::is_runtime(raw_name, &name) => {
+                    skip(&mut table, SkipReason::Runtime);
+                    continue;
+                }
+                _ => {}
+            }
+            if !filter.keeps(&name) {
+                skip(&mut table, SkipReason::Filtered);
+                continue;
+            }
+            if !seen_addresses.insert(symbol.address()) {
+                skip(&mut table, SkipReason::Alias);
+                continue;
+            }
+            let mut ranges = Vec::new();
+            ranges.extend(
+                elf::code_at(&file, symbol.address(), symbol.size()).map(|bytes| code::CodeRange {
+                    address: symbol.address(),
+                    bytes,
+                }),
+            );
+            if ranges.is_empty() {
+                skip(&mut table, SkipReason::Undecodable);
+                continue;
+            }
+            if let Some(&(address, size)) = cold_parts.get(raw_name) {
+                ranges.extend(
+                    elf::code_at(&file, address, size)
+                        .map(|bytes| code::CodeRange { address, bytes }),
+                );
+            }
+            let Some(analysis) = analyze_with_offsets(&file, &ranges) else {
+                skip(&mut table, SkipReason::Undecodable);
+                continue;
+            };
+            table.functions.push(Function {
+                id: table.functions.len() as u32,
+                name,
+                symbol: raw_name.to_owned(),
+                file: file_path,
+                line,
+                address: symbol.address(),
+                size: symbol.size(),
+                code: analysis,
+            });
+        }
+        Ok(table)
+    }
+
+    /// How many function symbols were left out in all.
+    pub fn skipped_total(&self) -> usize {
+        self.skipped.values().sum()
+    }
+}
+
+/// Decodes a function and fills in the file offset of each probe site.
+fn analyze_with_offsets(
+    file: &object::File<'_>,
+    ranges: &[code::CodeRange<'_>],
+) -> Option<CodeAnalysis> {
+    let mut analysis = code::analyze(ranges);
+    let entry = analysis.entry.as_mut()?;
+    entry.file_offset = elf::file_offset(file, entry.address)?;
+    for exit in &mut analysis.exits {
+        exit.site.file_offset = elf::file_offset(file, exit.site.address)?;
+    }
+    Some(analysis)
+}
+
+struct NameFilter {
+    include: Option<GlobSet>,
+    exclude: GlobSet,
+}
+
+impl NameFilter {
+    fn new(selection: &Selection) -> Result<Self, DiscoveryError> {
+        let build = |patterns: &[String]| -> Result<GlobSet, DiscoveryError> {
+            let mut builder = GlobSetBuilder::new();
+            for pattern in patterns {
+                let glob = Glob::new(pattern).map_err(|source| DiscoveryError::BadPattern {
+                    pattern: pattern.clone(),
+                    source,
+                })?;
+                builder.add(glob);
+            }
+            builder
+                .build()
+                .map_err(|source| DiscoveryError::BadPattern {
+                    pattern: patterns.join(" "),
+                    source,
+                })
+        };
+        Ok(Self {
+            include: (!selection.include.is_empty())
+                .then(|| build(&selection.include))
+                .transpose()?,
+            exclude: build(&selection.exclude)?,
+        })
+    }
+
+    fn keeps(&self, name: &str) -> bool {
+        self.include.as_ref().is_none_or(|set| set.is_match(name)) && !self.exclude.is_match(name)
+    }
+}
+
+/// GCC moves unlikely code out of a function into a `name.cold` symbol.
+fn is_split_part(symbol: &str) -> bool {
+    symbol.contains(".cold")
+}
+
+/// `foo` → address and size of `foo.cold`.
+fn split_parts(file: &object::File<'_>) -> HashMap<String, (u64, u64)> {
+    file.symbols()
+        .filter(|symbol| symbol.kind() == SymbolKind::Text)
+        .filter_map(|symbol| {
+            let name = symbol.name().ok()?;
+            let (parent, _) = name.split_once(".cold")?;
+            Some((parent.to_owned(), (symbol.address(), symbol.size())))
+        })
+        .collect()
+}
+
+fn in_text_section(file: &object::File<'_>, symbol: &object::Symbol<'_, '_>) -> bool {
+    let Some(index) = symbol.section_index() else {
+        return false;
+    };
+    file.section_by_index(index)
+        .ok()
+        .and_then(|section| section.name().ok().map(|name| name.starts_with(".text")))
+        .unwrap_or(false)
+}
+
+/// Removes `.` and `..` components without touching the file system (the
+/// paths come from another machine's build as often as from this one).
+fn normalize(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn normalize_removes_dot_components() {
+        assert_eq!(
+            normalize(Path::new("/app/./src/../lib/a.c")),
+            Path::new("/app/lib/a.c")
+        );
+    }
+
+    #[test]
+    fn project_root_matches_whole_components() {
+        assert!(normalize(Path::new("/app/src/a.c")).starts_with("/app"));
+        assert!(!normalize(Path::new("/application/a.c")).starts_with("/app"));
+    }
+
+    #[test]
+    fn name_filter() {
+        let filter = NameFilter::new(&Selection {
+            project_root: "/".into(),
+            include: vec!["fixture::*".into()],
+            exclude: vec!["*::helper".into()],
+        })
+        .unwrap();
+        assert!(filter.keeps("fixture::compute"));
+        assert!(!filter.keeps("fixture::helper"));
+        assert!(!filter.keeps("other::compute"));
+    }
+
+    #[test]
+    fn bad_glob_is_an_error() {
+        let error = NameFilter::new(&Selection {
+            project_root: "/".into(),
+            include: vec!["a[".into()],
+            exclude: vec![],
+        })
+        .err()
+        .unwrap();
+        assert!(error.to_string().contains("a["));
+    }
+
+    #[test]
+    fn not_elf_is_rejected() {
+        let error =
+            FunctionTable::from_bytes(Path::new("x.sh"), b"#!/bin/sh\necho hi\n", &selection("/"))
+                .unwrap_err();
+        assert!(matches!(error, DiscoveryError::NotElf(_)), "{error}");
+    }
+
+    pub(crate) fn selection(root: &str) -> Selection {
+        Selection {
+            project_root: root.into(),
+            include: vec![],
+            exclude: vec![],
+        }
+    }
+}

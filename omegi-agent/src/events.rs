@@ -1,0 +1,216 @@
+//! Events: reading what the kernel side emits.
+//!
+//! The programs submit to the ring buffer without waking the reader (a wakeup
+//! per event costs more than the probe), so one thread drains it on a timer
+//! and feeds assembly directly; finished traces go to the exporters' queues.
+
+use std::{
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use aya::maps::{MapData, PerCpuArray};
+use omegi_common::{counter, event_kind, Frame, SpanEvent};
+
+use crate::{
+    assembly::{Assembler, Clock, Trace, IDLE_PIECE_AFTER},
+    attach::KernelMaps,
+    export::Dispatcher,
+};
+
+/// How often idle traces are looked for.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// Counts kept by the reader.
+#[derive(Debug, Default)]
+pub struct ReaderStats {
+    /// Span events read from the ring buffer.
+    pub spans: AtomicU64,
+    /// Traces (complete) and pieces handed to the exporters.
+    pub traces: AtomicU64,
+    pub pieces: AtomicU64,
+    /// Records of a kind or size this agent does not know.
+    pub malformed: AtomicU64,
+}
+
+/// What the kernel side could not do, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelCounters {
+    /// Spans lost because the ring buffer was full.
+    pub ring_full: u64,
+    /// Calls not traced: nesting deeper than the shadow stack.
+    pub depth_overflow: u64,
+    /// Calls not traced: the thread table was full.
+    pub threads_full: u64,
+    /// Exits with no matching call (informational).
+    pub unmatched_exits: u64,
+}
+
+impl KernelCounters {
+    /// Reads the `COUNTERS` map.
+    pub fn read(map: &PerCpuArray<MapData, u64>) -> Self {
+        let sum = |index: u32| -> u64 {
+            map.get(&index, 0)
+                .map(|values| values.iter().sum())
+                .unwrap_or(0)
+        };
+        Self {
+            ring_full: sum(counter::RING_FULL),
+            depth_overflow: sum(counter::DEPTH_OVERFLOW),
+            threads_full: sum(counter::THREADS_FULL),
+            unmatched_exits: sum(counter::UNMATCHED_EXIT),
+        }
+    }
+
+    /// Spans or calls lost in the kernel.
+    pub fn lost(&self) -> u64 {
+        self.ring_full + self.depth_overflow + self.threads_full
+    }
+}
+
+/// Decodes one ring buffer record.
+pub fn decode(record: &[u8]) -> Option<SpanEvent> {
+    let kind = u32::from_ne_bytes(record.get(..4)?.try_into().ok()?);
+    if kind != event_kind::SPAN || record.len() < std::mem::size_of::<SpanEvent>() {
+        return None;
+    }
+    // SAFETY: the length is checked above; `SpanEvent` is plain old data and
+    // `read_unaligned` does not need the record to be aligned.
+    Some(unsafe { std::ptr::read_unaligned(record.as_ptr().cast::<SpanEvent>()) })
+}
+
+/// The draining thread.
+pub struct Reader {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<(KernelMaps, Assembler)>,
+}
+
+impl Reader {
+    /// Starts draining `maps.events` every `interval`.
+    pub fn start(
+        mut maps: KernelMaps,
+        mut assembler: Assembler,
+        dispatcher: Dispatcher,
+        stats: Arc<ReaderStats>,
+        interval: Duration,
+    ) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopping = Arc::clone(&stop);
+        let thread = std::thread::Builder::new()
+            .name("omegi-events".into())
+            .spawn(move || {
+                let mut last_sweep = Instant::now();
+                loop {
+                    // Read the flag before draining: once set, the probes are
+                    // gone, and this last drain empties the ring.
+                    let last_round = stopping.load(Ordering::Acquire);
+                    drain(&mut maps, &mut assembler, &dispatcher, &stats);
+                    if let Some(logger) = maps.logger.as_mut() {
+                        logger.flush();
+                    }
+                    if last_sweep.elapsed() >= SWEEP_EVERY {
+                        for piece in assembler.sweep_idle(IDLE_PIECE_AFTER) {
+                            hand_on(piece, &dispatcher, &stats);
+                        }
+                        last_sweep = Instant::now();
+                    }
+                    if last_round {
+                        break;
+                    }
+                    std::thread::sleep(interval);
+                }
+                (maps, assembler)
+            })?;
+        Ok(Self { stop, thread })
+    }
+
+    /// Drains what is left (call after the probes are detached) and gives
+    /// back the maps and the assembler.
+    pub fn stop(self) -> (KernelMaps, Assembler) {
+        self.stop.store(true, Ordering::Release);
+        self.thread
+            .join()
+            .expect("the events thread does not panic")
+    }
+}
+
+fn drain(
+    maps: &mut KernelMaps,
+    assembler: &mut Assembler,
+    dispatcher: &Dispatcher,
+    stats: &ReaderStats,
+) {
+    while let Some(record) = maps.events.next() {
+        match decode(&record) {
+            Some(event) => {
+                stats.spans.fetch_add(1, Ordering::Relaxed);
+                if let Some(trace) = assembler.on_span(&event) {
+                    hand_on(trace, dispatcher, stats);
+                }
+            }
+            None => {
+                stats.malformed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// Gives a finished trace to the exporters.
+pub fn hand_on(trace: Trace, dispatcher: &Dispatcher, stats: &ReaderStats) {
+    let counter = if trace.complete {
+        &stats.traces
+    } else {
+        &stats.pieces
+    };
+    counter.fetch_add(1, Ordering::Relaxed);
+    dispatcher.dispatch(trace);
+}
+
+/// The calls still on traced threads' stacks, outermost first per thread.
+pub fn calls_in_flight(maps: &KernelMaps) -> Vec<(u32, u32, Frame)> {
+    let mut frames = Vec::new();
+    for entry in maps.threads.iter() {
+        let Ok((tid, stack)) = entry else { continue };
+        let depth = (stack.depth as usize).min(stack.frames.len());
+        frames.extend(
+            stack.frames[..depth]
+                .iter()
+                .map(|frame| (stack.tgid, tid, *frame)),
+        );
+    }
+    frames
+}
+
+/// Monotonic now, for closing calls in flight.
+pub fn now_ns() -> u64 {
+    Clock::monotonic_now()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_a_span_record() {
+        let event = SpanEvent {
+            kind: event_kind::SPAN,
+            fn_id: 3,
+            span_id: 9,
+            ..SpanEvent::default()
+        };
+        // SAFETY: viewing a POD struct as bytes.
+        let bytes = unsafe {
+            std::slice::from_raw_parts(
+                (&event as *const SpanEvent).cast::<u8>(),
+                std::mem::size_of::<SpanEvent>(),
+            )
+        };
+        assert_eq!(decode(bytes), Some(event));
+        assert_eq!(decode(&bytes[..8]), None);
+        assert_eq!(decode(&[0, 0, 0, 0, 1, 2, 3]), None);
+    }
+}

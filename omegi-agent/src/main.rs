@@ -1,0 +1,99 @@
+//! `omegi-agent`: the command-line edge. Errors become one line on stderr
+//! and a non-zero exit; the traced command's own exit status is passed on.
+
+use std::{fmt, process::ExitCode};
+
+use clap::Parser;
+use omegi_agent::{
+    agent::{self, Outcome},
+    cli::Cli,
+    config::Config,
+};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::{
+    fmt::{format::Writer, FmtContext, FormatEvent, FormatFields},
+    registry::LookupSpan,
+    EnvFilter,
+};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.quiet, cli.verbose);
+    let config = match Config::from_cli(cli) {
+        Ok(config) => config,
+        Err(error) => return fail(&error.into()),
+    };
+    match agent::run(config) {
+        Ok(Outcome::Exit(code)) => ExitCode::from(code.clamp(0, 255) as u8),
+        Ok(Outcome::Signal(signal)) => end_by_signal(signal),
+        Err(error) => fail(&error),
+    }
+}
+
+fn fail(error: &anyhow::Error) -> ExitCode {
+    eprintln!("omegi-agent: error: {error:#}");
+    ExitCode::FAILURE
+}
+
+/// Ends this process with the signal that ended the traced command, so that
+/// whoever started omegi sees the same status. No core dump of the agent.
+fn end_by_signal(signal: i32) -> ExitCode {
+    use nix::sys::{
+        resource::{setrlimit, Resource},
+        signal::{self as sig, SigHandler, Signal},
+    };
+    if let Ok(signal) = Signal::try_from(signal) {
+        let _ = setrlimit(Resource::RLIMIT_CORE, 0, 0);
+        // SAFETY: restoring the default disposition before raising.
+        unsafe {
+            let _ = sig::signal(signal, SigHandler::SigDfl);
+        }
+        let _ = sig::raise(signal);
+    }
+    ExitCode::from((128 + signal).clamp(0, 255) as u8)
+}
+
+/// The agent's own messages go to stderr as `omegi-agent: …` lines.
+/// `OMEGI_LOG` (an env-filter directive) overrides `-q`/`-v`.
+fn init_logging(quiet: bool, verbose: u8) {
+    let level = match (quiet, verbose) {
+        (true, _) => "warn",
+        (false, 0) => "info",
+        (false, 1) => "debug",
+        (false, _) => "trace",
+    };
+    let filter = EnvFilter::try_from_env("OMEGI_LOG")
+        .unwrap_or_else(|_| EnvFilter::new(format!("{level},aya=warn,aya_obj=warn")));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .event_format(Plain)
+        .init();
+}
+
+struct Plain;
+
+impl<S, N> FormatEvent<S, N> for Plain
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        context: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        write!(writer, "omegi-agent: ")?;
+        match *event.metadata().level() {
+            Level::ERROR => write!(writer, "error: ")?,
+            Level::WARN => write!(writer, "warning: ")?,
+            Level::INFO => {}
+            level => write!(writer, "{}: ", level.as_str().to_lowercase())?,
+        }
+        context
+            .field_format()
+            .format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
+    }
+}

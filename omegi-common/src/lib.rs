@@ -1,0 +1,153 @@
+//! The contract between omegi's eBPF programs and its agent.
+//!
+//! Everything here is `#[repr(C)]` and crosses the kernel/user boundary
+//! unchanged: events read from the ring buffer, counter indices, and the
+//! values the agent writes into the programs' globals before loading them.
+//! Keep it small; names, formats and policy belong to the agent.
+#![no_std]
+
+/// Deepest nesting of traced calls kept per thread. Deeper calls are not
+/// traced and are counted in [`counter::DEPTH_OVERFLOW`].
+pub const MAX_DEPTH: usize = 64;
+
+/// An exit probe's cookie is `(end_reason << EXIT_KIND_SHIFT) | fn_id`.
+pub const EXIT_KIND_SHIFT: u64 = 32;
+
+/// Kinds of records in the events ring buffer. Every record starts with a
+/// `u32` holding one of these.
+pub mod event_kind {
+    /// A [`SpanEvent`](super::SpanEvent): one traced call ended.
+    pub const SPAN: u32 = 1;
+}
+
+/// Why a traced call's span ended.
+pub mod end_reason {
+    /// A probed `ret` ran (or the uretprobe fired).
+    pub const RETURNED: u32 = 0;
+    /// A probed tail jump left the function.
+    pub const TAIL_CALL: u32 = 1;
+    /// Another traced function started in the same stack frame: the call was
+    /// replaced by a jump we could not see (an indirect tail call).
+    pub const REPLACED: u32 = 2;
+    /// The stack moved above the frame without a return: unwinding (an
+    /// exception or a panic) or `longjmp`.
+    pub const UNWOUND: u32 = 3;
+    /// The thread exited with the call still on its stack.
+    pub const THREAD_EXIT: u32 = 4;
+}
+
+/// Flags of a [`SpanEvent`].
+pub mod span_flags {
+    /// The span starts a trace of its own (see `SpanEvent::trace_key`).
+    pub const TRACE_ROOT: u32 = 1;
+}
+
+/// One traced call that ended, as the kernel saw it.
+///
+/// Spans of one thread arrive in the order they ended, so a span's children
+/// always arrive before it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SpanEvent {
+    /// Always [`event_kind::SPAN`].
+    pub kind: u32,
+    /// One of [`end_reason`].
+    pub end_reason: u32,
+    /// Process id (the kernel's tgid).
+    pub tgid: u32,
+    /// Thread id (the kernel's pid).
+    pub tid: u32,
+    /// Index of the function in the agent's function table (the probe cookie).
+    pub fn_id: u32,
+    /// [`span_flags`].
+    pub flags: u32,
+    /// Nesting depth on the thread's shadow stack, 0 for an outermost call.
+    pub depth: u32,
+    pub _pad: u32,
+    /// Start, kernel monotonic clock (ns).
+    pub start_ns: u64,
+    /// End, kernel monotonic clock (ns).
+    pub end_ns: u64,
+    /// Random, non-zero.
+    pub span_id: u64,
+    /// The enclosing traced call's span id, 0 for an outermost call.
+    pub parent_span_id: u64,
+    /// Span id of the trace root this span belongs to (its own id for a root).
+    pub trace_key: u64,
+}
+
+/// One traced call in flight on a thread's shadow stack.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Frame {
+    pub fn_id: u32,
+    /// [`span_flags`].
+    pub flags: u32,
+    /// `rsp` at the function's entry: the address of its return address.
+    pub sp: u64,
+    pub start_ns: u64,
+    pub span_id: u64,
+    pub parent_span_id: u64,
+    pub trace_key: u64,
+}
+
+/// A thread's shadow stack (the `THREADS` map's value). The agent reads it at
+/// detach to report the calls still in flight.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ThreadStack {
+    /// Number of valid frames, innermost at `frames[depth - 1]`.
+    pub depth: u32,
+    /// The thread's process.
+    pub tgid: u32,
+    pub frames: [Frame; MAX_DEPTH],
+}
+
+/// Indices into the `COUNTERS` per-CPU array: things the kernel side could not
+/// do, reported by the agent so that nothing is lost silently.
+pub mod counter {
+    /// Spans lost because the ring buffer was full.
+    pub const RING_FULL: u32 = 0;
+    /// Calls not traced because the thread's shadow stack was full.
+    pub const DEPTH_OVERFLOW: u32 = 1;
+    /// Calls not traced because the thread table was full.
+    pub const THREADS_FULL: u32 = 2;
+    /// Probed exits that matched no traced call (attached mid-call, or a
+    /// frame already closed by evidence). Informational, not a loss.
+    pub const UNMATCHED_EXIT: u32 = 3;
+    /// Number of counters.
+    pub const COUNT: u32 = 8;
+}
+
+/// Names of the globals the agent sets before loading the programs.
+pub mod globals {
+    /// `u64`: a call made by a traced function that has been running for
+    /// longer than this many ns starts a trace of its own. 0 turns it off.
+    pub const SPLIT_AFTER_NS: &str = "SPLIT_AFTER_NS";
+    /// `u8`: 1 traces every process that runs the probed code (`--binary`),
+    /// 0 only the processes in the `TGIDS` map.
+    pub const ALL_PROCESSES: &str = "ALL_PROCESSES";
+    /// `u32`: byte offset of `child_pid` in the `sched_process_fork`
+    /// tracepoint record (read from tracefs at start).
+    pub const FORK_CHILD_PID_OFFSET: &str = "FORK_CHILD_PID_OFFSET";
+}
+
+/// Names of the programs and maps in the eBPF object.
+pub mod names {
+    pub const PROG_ENTRY: &str = "omegi_entry";
+    pub const PROG_EXIT: &str = "omegi_exit";
+    pub const PROG_URETPROBE: &str = "omegi_uretprobe";
+    pub const PROG_FORK: &str = "omegi_fork";
+    pub const PROG_TASK_EXIT: &str = "omegi_task_exit";
+    pub const MAP_EVENTS: &str = "EVENTS";
+    pub const MAP_COUNTERS: &str = "COUNTERS";
+    pub const MAP_TGIDS: &str = "TGIDS";
+    pub const MAP_THREADS: &str = "THREADS";
+}
+
+#[cfg(feature = "user")]
+// SAFETY: plain-old-data, `#[repr(C)]`, no padding the kernel leaves unset.
+unsafe impl aya::Pod for SpanEvent {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for ThreadStack {}
