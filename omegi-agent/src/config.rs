@@ -126,7 +126,7 @@ fn parse_pid(value: &str) -> Result<u32, ConfigError> {
 
 fn parse_project_root(root: PathBuf) -> Result<PathBuf, ConfigError> {
     if root.is_absolute() {
-        Ok(root)
+        Ok(crate::discovery::normalize(&root))
     } else if root.as_os_str().is_empty() {
         Err(ConfigError {
             name: "OMEGI_PROJECT_ROOT (--project-root)",
@@ -135,9 +135,11 @@ fn parse_project_root(root: PathBuf) -> Result<PathBuf, ConfigError> {
         })
     } else {
         // A relative root means "relative to where I am", as a shell user expects.
-        Ok(std::env::current_dir()
-            .map(|dir| dir.join(&root))
-            .unwrap_or(root))
+        Ok(crate::discovery::normalize(
+            &std::env::current_dir()
+                .map(|dir| dir.join(&root))
+                .unwrap_or(root),
+        ))
     }
 }
 

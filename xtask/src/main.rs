@@ -1,1 +1,137 @@
-fn main() {}
+//! `cargo xtask`: the project's tasks.
+//!
+//! - `setup`: installs what building and testing need on a fresh machine
+//!   (safe to run again; quick when everything is there).
+//! - `build-ebpf`: builds the eBPF object alone.
+//! - `test`: setup, then every test.
+//! - `demo`: setup, then omegi tracing a bundled demo program.
+
+mod setup;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "omegi's project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the build and test prerequisites (apt packages, nightly
+    /// rust-src, bpf-linker, the tansu Kafka broker).
+    Setup,
+    /// Build the eBPF programs alone (building the agent also does this).
+    BuildEbpf,
+    /// Set up, then run every test (needs root: the tests attach real uprobes).
+    Test {
+        /// Passed to `cargo test` (e.g. a test name filter after `--`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, then trace the bundled demo program and print its call trees.
+    Demo,
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().task {
+        Task::Setup => setup::all(),
+        Task::BuildEbpf => build_ebpf(),
+        Task::Test { args } => test(&args),
+        Task::Demo => demo(),
+    }
+}
+
+/// The workspace root.
+pub fn root() -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    root.canonicalize().unwrap_or(root)
+}
+
+/// Runs a command to completion, failing on a non-zero exit.
+pub fn run(command: &mut Command) -> Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("cannot run {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed ({status})");
+    }
+    Ok(())
+}
+
+fn cargo() -> Command {
+    let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+    command.current_dir(root());
+    command
+}
+
+fn build_ebpf() -> Result<()> {
+    setup::check_build_tools()?;
+    let target_dir = root().join("target/ebpf");
+    let mut command = Command::new("rustup");
+    command
+        .args(["run", "nightly", "cargo", "build", "--release"])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"])
+        .arg("--target-dir")
+        .arg(&target_dir)
+        .current_dir(root().join("omegi-ebpf"))
+        .env("PATH", setup::path_with_tools())
+        .env_remove("RUSTUP_TOOLCHAIN");
+    run(&mut command)?;
+    println!(
+        "eBPF object: {}",
+        target_dir
+            .join("bpfel-unknown-none/release/omegi")
+            .display()
+    );
+    Ok(())
+}
+
+fn require_root(task: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { geteuid() } != 0 {
+        bail!("`cargo xtask {task}` attaches real uprobes and needs root: run `sudo -E cargo xtask {task}`");
+    }
+    Ok(())
+}
+
+extern "C" {
+    fn geteuid() -> u32;
+}
+
+fn test(args: &[String]) -> Result<()> {
+    setup::all()?;
+    require_root("test")?;
+    run(cargo().args(["build", "--workspace"]))?;
+    run(cargo()
+        .args(["test", "--workspace"])
+        .args(args)
+        .env("OMEGI_TANSU", setup::tansu_binary()))
+}
+
+fn demo() -> Result<()> {
+    require_root("demo")?;
+    setup::build_tools()?;
+    run(cargo().args(["build", "--release", "-p", "omegi-agent"]))?;
+    let source = root().join("tests/fixtures/rust/demo.rs");
+    let out_dir = root().join("target/demo");
+    std::fs::create_dir_all(&out_dir)?;
+    let demo = out_dir.join("shop");
+    run(Command::new("rustc")
+        .args(["--edition", "2021", "-g", "-C", "opt-level=0", "-o"])
+        .arg(&demo)
+        .arg(&source))?;
+    println!("$ sudo omegi-agent --project-root tests/fixtures -- target/demo/shop\n");
+    run(Command::new(root().join("target/release/omegi-agent"))
+        .arg("--project-root")
+        .arg(root().join("tests/fixtures"))
+        .arg("--")
+        .arg(&demo))
+}

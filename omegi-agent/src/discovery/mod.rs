@@ -356,7 +356,7 @@ fn in_text_section(file: &object::File<'_>, symbol: &object::Symbol<'_, '_>) -> 
 
 /// Removes `.` and `..` components without touching the file system (the
 /// paths come from another machine's build as often as from this one).
-fn normalize(path: &Path) -> PathBuf {
+pub fn normalize(path: &Path) -> PathBuf {
     let mut out = PathBuf::new();
     for component in path.components() {
         match component {

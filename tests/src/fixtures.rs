@@ -1,0 +1,122 @@
+//! Building the fixture programs.
+//!
+//! A fixture is one source file under `tests/fixtures/<lang>/`. Its first
+//! line may carry extra compiler flags for it:
+//!
+//! ```c
+//! // omegi-fixture: -O2
+//! ```
+//!
+//! Every fixture is built with debug info, once per test process and
+//! linking kind, into `target/fixtures/<pie|nopie>/`.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::Mutex,
+};
+
+/// The source language of a fixture, from its file extension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Lang {
+    C,
+    Cpp,
+    Rust,
+}
+
+/// How the executable is linked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Linking {
+    /// Position-independent (the default of Debian's gcc and of rustc).
+    Pie,
+    /// Fixed addresses.
+    NoPie,
+}
+
+impl Linking {
+    fn dir_name(self) -> &'static str {
+        match self {
+            Linking::Pie => "pie",
+            Linking::NoPie => "nopie",
+        }
+    }
+}
+
+/// The directory holding the fixture sources: the project root to give the
+/// agent.
+pub fn sources_dir() -> PathBuf {
+    crate::tests_dir().join("fixtures")
+}
+
+/// Builds `file` (relative to `tests/fixtures`, e.g. `c/calls.c`) and returns
+/// the executable's path.
+pub fn build(file: &str, linking: Linking) -> PathBuf {
+    static BUILT: Mutex<Option<HashMap<(String, Linking), PathBuf>>> = Mutex::new(None);
+    let mut built = BUILT.lock().unwrap_or_else(|poison| poison.into_inner());
+    let built = built.get_or_insert_with(HashMap::new);
+    if let Some(path) = built.get(&(file.to_owned(), linking)) {
+        return path.clone();
+    }
+    let source = sources_dir().join(file);
+    assert!(source.exists(), "no fixture {}", source.display());
+    let stem = Path::new(file)
+        .file_stem()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let lang = match source.extension().and_then(|e| e.to_str()) {
+        Some("c") => Lang::C,
+        Some("cpp") | Some("cc") => Lang::Cpp,
+        Some("rs") => Lang::Rust,
+        other => panic!("unknown fixture language {other:?} for {file}"),
+    };
+    let out_dir = crate::target_dir()
+        .join("fixtures")
+        .join(linking.dir_name());
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let output = out_dir.join(&stem);
+    let extra = extra_flags(&source);
+
+    let mut command = match lang {
+        Lang::C | Lang::Cpp => {
+            let mut cmd = Command::new(if lang == Lang::C { "gcc" } else { "g++" });
+            cmd.args(["-g", "-O0", "-fno-omit-frame-pointer", "-pthread"]);
+            match linking {
+                Linking::Pie => cmd.args(["-fPIE", "-pie"]),
+                Linking::NoPie => cmd.args(["-fno-pie", "-no-pie"]),
+            };
+            cmd.args(&extra);
+            cmd
+        }
+        Lang::Rust => {
+            let mut cmd = Command::new("rustc");
+            cmd.args(["--edition", "2021", "-g", "-C", "opt-level=0"]);
+            if linking == Linking::NoPie {
+                cmd.args(["-C", "relocation-model=static"]);
+            }
+            cmd.args(&extra);
+            cmd
+        }
+    };
+    command.arg(&source).arg("-o").arg(&output);
+    let result = command
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run the compiler for {file}: {e}"));
+    assert!(
+        result.status.success(),
+        "building fixture {file} failed:\n{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    built.insert((file.to_owned(), linking), output.clone());
+    output
+}
+
+fn extra_flags(source: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(source).unwrap_or_default();
+    text.lines()
+        .next()
+        .and_then(|line| line.split_once("omegi-fixture:"))
+        .map(|(_, flags)| flags.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default()
+}

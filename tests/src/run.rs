@@ -1,0 +1,148 @@
+//! Running fixtures, with and without the agent.
+
+use std::{
+    ffi::OsStr,
+    io::Read,
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::spans::{parse_lines, SpanRecord};
+
+/// Longest a fixture run may take before the test fails (and the run is killed).
+pub const RUN_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A traced run of a fixture.
+#[derive(Debug)]
+pub struct Traced {
+    /// The agent's exit status (the program's, passed on).
+    pub status: ExitStatus,
+    /// Everything on stdout: the program's own output only, as the spans go
+    /// to a file.
+    pub stdout: String,
+    /// Everything on stderr: the program's and the agent's lines.
+    pub stderr: String,
+    /// The spans the agent exported.
+    pub spans: Vec<SpanRecord>,
+}
+
+impl Traced {
+    /// The program's stderr: what is left once the agent's own lines
+    /// (`omegi-agent: …`) are removed.
+    pub fn program_stderr(&self) -> String {
+        self.stderr
+            .lines()
+            .filter(|line| !line.starts_with("omegi-agent:"))
+            .map(|line| format!("{line}\n"))
+            .collect()
+    }
+
+    /// The agent's own lines on stderr.
+    pub fn agent_stderr(&self) -> String {
+        self.stderr
+            .lines()
+            .filter(|line| line.starts_with("omegi-agent:"))
+            .map(|line| format!("{line}\n"))
+            .collect()
+    }
+}
+
+/// The agent and the arguments every test run passes it.
+#[derive(Clone, Debug)]
+pub struct Agent {
+    pub bin: PathBuf,
+}
+
+impl Agent {
+    /// `bin` is `env!("CARGO_BIN_EXE_omegi-agent")` in the e2e tests.
+    pub fn new(bin: impl Into<PathBuf>) -> Self {
+        crate::require_root();
+        Self { bin: bin.into() }
+    }
+
+    /// `omegi-agent [extra] --project-root tests/fixtures --format json
+    /// --output FILE -- exe args`, waiting for it to end.
+    pub fn trace<S: AsRef<OsStr>>(&self, exe: &Path, args: &[S], extra: &[&str]) -> Traced {
+        let dir = crate::scratch_dir("trace");
+        let spans_file = dir.join("spans.jsonl");
+        let mut command = self.command(extra, &spans_file);
+        command.arg("--").arg(exe).args(args);
+        let (status, stdout, stderr) = run_to_end(command);
+        let spans = parse_lines(&std::fs::read_to_string(&spans_file).unwrap_or_default());
+        Traced {
+            status,
+            stdout,
+            stderr,
+            spans,
+        }
+    }
+
+    /// The agent command with the common arguments, writing spans to `spans_file`.
+    pub fn command(&self, extra: &[&str], spans_file: &Path) -> Command {
+        let mut command = Command::new(&self.bin);
+        command
+            .arg("--project-root")
+            .arg(crate::fixtures::sources_dir())
+            .args(["--format", "json", "--quiet", "--output"])
+            .arg(spans_file)
+            .args(extra);
+        command
+    }
+}
+
+/// Runs `exe` without omegi.
+pub fn untraced<S: AsRef<OsStr>>(exe: &Path, args: &[S]) -> Output {
+    let mut command = Command::new(exe);
+    command.args(args);
+    let (status, stdout, stderr) = run_to_end(command);
+    Output {
+        status,
+        stdout: stdout.into_bytes(),
+        stderr: stderr.into_bytes(),
+    }
+}
+
+/// Runs to the end with piped output, failing the test after [`RUN_TIMEOUT`].
+pub fn run_to_end(mut command: Command) -> (ExitStatus, String, String) {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
+    let stdout = reader(&mut child, true);
+    let stderr = reader(&mut child, false);
+    let status = wait_with_timeout(&mut child, RUN_TIMEOUT)
+        .unwrap_or_else(|| panic!("{command:?} did not finish within {RUN_TIMEOUT:?}"));
+    (status, stdout.join().unwrap(), stderr.join().unwrap())
+}
+
+fn reader(child: &mut Child, stdout: bool) -> std::thread::JoinHandle<String> {
+    let mut pipe: Box<dyn Read + Send> = if stdout {
+        Box::new(child.stdout.take().unwrap())
+    } else {
+        Box::new(child.stderr.take().unwrap())
+    };
+    std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = pipe.read_to_end(&mut bytes);
+        String::from_utf8_lossy(&bytes).into_owned()
+    })
+}
+
+/// Waits for `child`; kills it and returns `None` after `timeout`.
+pub fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,195 @@
+//! Spans as the agent exports them with `--format json`, and the call trees
+//! they form.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::Deserialize;
+use serde_json::{Map, Value};
+
+/// OpenTelemetry status of a span.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct Status {
+    pub code: String,
+    #[serde(default)]
+    pub message: Option<String>,
+}
+
+/// One exported span (one JSON line).
+#[derive(Clone, Debug, Deserialize)]
+pub struct SpanRecord {
+    pub name: String,
+    pub trace_id: String,
+    pub span_id: String,
+    pub parent_span_id: String,
+    pub kind: String,
+    pub start_time_unix_nano: u64,
+    pub end_time_unix_nano: u64,
+    pub status: Status,
+    pub attributes: Map<String, Value>,
+    pub resource: Map<String, Value>,
+}
+
+impl SpanRecord {
+    /// A string attribute, or a number shown as a string.
+    pub fn attr(&self, key: &str) -> Option<String> {
+        self.attributes.get(key).map(|value| match value {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        })
+    }
+
+    pub fn tid(&self) -> u64 {
+        self.attributes["thread.id"].as_u64().expect("thread.id")
+    }
+
+    pub fn pid(&self) -> u64 {
+        self.attributes["process.pid"]
+            .as_u64()
+            .expect("process.pid")
+    }
+
+    /// How the call ended (`omegi.end`).
+    pub fn end(&self) -> String {
+        self.attr("omegi.end").unwrap_or_default()
+    }
+
+    pub fn duration_ns(&self) -> u64 {
+        self.end_time_unix_nano - self.start_time_unix_nano
+    }
+
+    pub fn is_root(&self) -> bool {
+        self.parent_span_id == "0000000000000000"
+    }
+}
+
+/// Parses JSON lines (blank lines ignored).
+pub fn parse_lines(text: &str) -> Vec<SpanRecord> {
+    text.lines()
+        .filter(|line| !line.trim().is_empty())
+        .map(|line| {
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("bad span line {line:?}: {e}"))
+        })
+        .collect()
+}
+
+/// The spans of one trace.
+#[derive(Clone, Debug)]
+pub struct TraceView {
+    pub trace_id: String,
+    /// In the order they were exported (ended).
+    pub spans: Vec<SpanRecord>,
+}
+
+/// Groups spans by trace, ordered by each trace's earliest start.
+pub fn traces(spans: &[SpanRecord]) -> Vec<TraceView> {
+    let mut by_id: BTreeMap<String, Vec<SpanRecord>> = BTreeMap::new();
+    for span in spans {
+        by_id
+            .entry(span.trace_id.clone())
+            .or_default()
+            .push(span.clone());
+    }
+    let mut traces: Vec<TraceView> = by_id
+        .into_iter()
+        .map(|(trace_id, spans)| TraceView { trace_id, spans })
+        .collect();
+    traces.sort_by_key(|trace| {
+        trace
+            .spans
+            .iter()
+            .map(|span| span.start_time_unix_nano)
+            .min()
+    });
+    traces
+}
+
+impl TraceView {
+    /// The span with no parent.
+    pub fn root(&self) -> &SpanRecord {
+        let roots: Vec<_> = self.spans.iter().filter(|span| span.is_root()).collect();
+        assert_eq!(
+            roots.len(),
+            1,
+            "trace {} has {} roots",
+            self.trace_id,
+            roots.len()
+        );
+        roots[0]
+    }
+
+    /// The call tree as text: `name` or `name(child child …)`, children in
+    /// the order they started.
+    pub fn shape(&self) -> String {
+        let children = self.children();
+        let mut out = String::new();
+        shape_of(self.root(), &children, &mut out);
+        out
+    }
+
+    /// Checks what every trace must satisfy: one root, ids well formed,
+    /// parents present, durations positive and children inside their parent.
+    pub fn check_well_formed(&self) {
+        let by_id: HashMap<&str, &SpanRecord> = self
+            .spans
+            .iter()
+            .map(|span| (span.span_id.as_str(), span))
+            .collect();
+        assert_eq!(
+            by_id.len(),
+            self.spans.len(),
+            "duplicate span ids in {}",
+            self.trace_id
+        );
+        assert_eq!(self.trace_id.len(), 32);
+        self.root();
+        for span in &self.spans {
+            assert_eq!(span.span_id.len(), 16);
+            assert!(
+                span.end_time_unix_nano > span.start_time_unix_nano,
+                "span {} has no duration",
+                span.name
+            );
+            if span.is_root() {
+                continue;
+            }
+            let parent = by_id
+                .get(span.parent_span_id.as_str())
+                .unwrap_or_else(|| panic!("parent of {} missing from its trace", span.name));
+            assert!(
+                parent.start_time_unix_nano <= span.start_time_unix_nano
+                    && span.end_time_unix_nano <= parent.end_time_unix_nano,
+                "{} is not inside its parent {}",
+                span.name,
+                parent.name
+            );
+        }
+    }
+
+    fn children(&self) -> HashMap<&str, Vec<&SpanRecord>> {
+        let mut children: HashMap<&str, Vec<&SpanRecord>> = HashMap::new();
+        for span in &self.spans {
+            children
+                .entry(span.parent_span_id.as_str())
+                .or_default()
+                .push(span);
+        }
+        for list in children.values_mut() {
+            list.sort_by_key(|span| span.start_time_unix_nano);
+        }
+        children
+    }
+}
+
+fn shape_of(span: &SpanRecord, children: &HashMap<&str, Vec<&SpanRecord>>, out: &mut String) {
+    out.push_str(&span.name);
+    if let Some(list) = children.get(span.span_id.as_str()) {
+        out.push('(');
+        for (index, child) in list.iter().enumerate() {
+            if index > 0 {
+                out.push(' ');
+            }
+            shape_of(child, children, out);
+        }
+        out.push(')');
+    }
+}
