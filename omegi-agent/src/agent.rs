@@ -200,7 +200,7 @@ async fn trace(
     }
     let counters = KernelCounters::read(&maps.counters);
     let exporter_stats = exporters.stats.clone();
-    tokio::task::spawn_blocking(move || exporters.finish()).await?;
+    exporters.finish().await;
 
     report_summary(&reader_stats, &counters, &exporter_stats, in_flight.len());
     Ok(match ending {

@@ -36,12 +36,15 @@ pub struct ExportContext {
 #[derive(Debug, Default)]
 pub struct ExporterStats {
     pub name: &'static str,
-    /// Traces (or pieces) and spans written out.
+    /// Traces (or pieces) and spans written out / delivered.
     pub traces: AtomicU64,
     pub spans: AtomicU64,
+    /// Spans whose delivery was retried at least once (delivered or not).
+    pub retried_spans: AtomicU64,
     /// Spans dropped because the exporter's queue was full.
     pub queue_full_spans: AtomicU64,
-    /// Spans that could not be written (an I/O or delivery error).
+    /// Spans that could not be delivered (an I/O or delivery error, after
+    /// retries, or still undelivered at the shutdown deadline).
     pub failed_spans: AtomicU64,
 }
 
@@ -78,11 +81,19 @@ impl Dispatcher {
     }
 }
 
+/// An exporter's worker: a thread for blocking writers, a task for network
+/// clients.
+enum Worker {
+    Thread(std::thread::JoinHandle<()>),
+    #[allow(dead_code)] // until the first network exporter
+    Task(tokio::task::JoinHandle<()>),
+}
+
 /// The running exporters.
 pub struct Exporters {
     pub dispatcher: Dispatcher,
     pub stats: Vec<Arc<ExporterStats>>,
-    workers: Vec<std::thread::JoinHandle<()>>,
+    workers: Vec<Worker>,
 }
 
 impl Exporters {
@@ -99,11 +110,11 @@ impl Exporters {
                     let exporter =
                         console::ConsoleExporter::new(&config.console, Arc::clone(&context))?;
                     let worker_stats = Arc::clone(&exporter_stats);
-                    workers.push(
+                    workers.push(Worker::Thread(
                         std::thread::Builder::new()
                             .name("omegi-console".into())
                             .spawn(move || exporter.run(receiver, &worker_stats))?,
-                    );
+                    ));
                 }
             }
             queues.push((sender, Arc::clone(&exporter_stats)));
@@ -118,10 +129,17 @@ impl Exporters {
 
     /// Closes the queues and waits for every exporter to write out what it
     /// holds. Other clones of the dispatcher must have been dropped.
-    pub fn finish(self) {
+    pub async fn finish(self) {
         drop(self.dispatcher);
         for worker in self.workers {
-            let _ = worker.join();
+            match worker {
+                Worker::Thread(thread) => {
+                    let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+                }
+                Worker::Task(task) => {
+                    let _ = task.await;
+                }
+            }
         }
     }
 }
