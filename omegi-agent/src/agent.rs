@@ -112,6 +112,12 @@ async fn trace(
 ) -> anyhow::Result<Outcome> {
     let (mut probes, maps) = Probes::load(&config.kernel)?;
     let report = probes.attach_functions(&table, &attach_path, mechanism)?;
+    let running_pid = match config.target {
+        Target::Pid(pid) => Some(pid),
+        _ => None,
+    };
+    let error_hooks = probes.attach_error_hooks(&table, &attach_path, running_pid);
+    tracing::debug!("{error_hooks} probes on the language runtime's error path");
     tracing::info!(
         "tracing {} functions of {} ({} entry and {} exit probes; returns by {})",
         report.functions,
@@ -129,7 +135,13 @@ async fn trace(
     });
     let exporters = Exporters::start(&config, context)?;
     let reader_stats = Arc::new(ReaderStats::default());
-    let assembler = Assembler::new(Clock::now(), config.max_trace_spans, config.flow_rate);
+    let rules = crate::assembly::rules::for_functions(&table, &config.error_rules);
+    let assembler = Assembler::new(
+        Clock::now(),
+        config.max_trace_spans,
+        config.flow_rate,
+        rules,
+    );
     let reader = Reader::start(
         maps,
         assembler,
@@ -298,6 +310,16 @@ pub fn describe_table(table: &FunctionTable, mechanism: ReturnMechanism) -> Stri
             ""
         },
     );
+    let hooks = &table.runtime;
+    let mut error_path = Vec::new();
+    if hooks.cxx_throw.is_some() {
+        error_path.push("C++ exceptions (__cxa_throw, __cxa_begin_catch)");
+    }
+    if hooks.rust_panic.is_some() {
+        error_path.push("Rust panics (std's panic entry, catch_unwind)");
+    }
+    error_path.push("fatal signals and failing exits");
+    let _ = writeln!(out, "error path: {}", error_path.join(", "));
     for function in &table.functions {
         let entry = function.code.entry.as_ref().map_or(String::new(), |site| {
             format!(

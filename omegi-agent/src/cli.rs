@@ -74,6 +74,13 @@ pub struct Cli {
     #[arg(long, env = "OMEGI_FLOW_RATE", default_value = "5", value_name = "N")]
     pub flow_rate: String,
 
+    /// Mark a call as an error when its return value says so, e.g.
+    /// 'parse_*:ret<0' (repeatable; OMEGI_ERROR_IF takes rules separated by
+    /// ';'). Grammar: GLOB:ret OP INTEGER (C int) or GLOB:ret64 OP INTEGER,
+    /// OP one of < <= > >= == !=.
+    #[arg(long = "error-if", value_name = "RULE")]
+    pub error_if: Vec<String>,
+
     /// Console output: a call tree per trace, or one JSON object per span.
     #[arg(long, value_enum, default_value = "tree")]
     pub format: ConsoleFormat,

@@ -5,6 +5,7 @@
 use std::{ffi::OsString, path::PathBuf, time::Duration};
 
 use crate::{
+    assembly::ReturnRule,
     attach::{KernelOptions, ReturnProbes},
     cli::{Cli, ConsoleFormat},
     discovery::Selection,
@@ -72,6 +73,8 @@ pub struct Config {
     pub max_trace_spans: usize,
     pub queue_size: usize,
     pub drain_interval: Duration,
+    /// `--error-if` / `OMEGI_ERROR_IF` return-value rules.
+    pub error_rules: Vec<ReturnRule>,
 }
 
 impl Config {
@@ -109,8 +112,38 @@ impl Config {
             max_trace_spans: positive("--max-trace-spans", cli.max_trace_spans)?,
             queue_size: positive("--queue-size", cli.queue_size)?,
             drain_interval: parse_duration("--drain-interval", &cli.drain_interval)?,
+            error_rules: parse_error_rules(&cli.error_if, std::env::var("OMEGI_ERROR_IF").ok())?,
         })
     }
+}
+
+/// `--error-if` rules (flags win: the variable is read only when no flag is
+/// given).
+fn parse_error_rules(
+    flags: &[String],
+    variable: Option<String>,
+) -> Result<Vec<ReturnRule>, ConfigError> {
+    let from_variable;
+    let texts: Vec<&str> = if !flags.is_empty() {
+        flags.iter().map(String::as_str).collect()
+    } else {
+        from_variable = variable.unwrap_or_default();
+        from_variable
+            .split(';')
+            .map(str::trim)
+            .filter(|rule| !rule.is_empty())
+            .collect()
+    };
+    texts
+        .into_iter()
+        .map(|text| {
+            ReturnRule::parse(text).map_err(|error| ConfigError {
+                name: "OMEGI_ERROR_IF (--error-if)",
+                value: text.into(),
+                expected: error.to_string(),
+            })
+        })
+        .collect()
 }
 
 fn parse_pid(value: &str) -> Result<u32, ConfigError> {
@@ -289,6 +322,21 @@ mod tests {
         assert_eq!(parse_ring_size("65536").unwrap(), 65536);
         assert!(parse_ring_size("3MiB").is_err());
         assert!(parse_ring_size("1").is_err());
+    }
+
+    #[test]
+    fn error_rules() {
+        let rules = parse_error_rules(&["f:ret<0".into()], Some("g:ret==1".into())).unwrap();
+        assert_eq!(rules.len(), 1);
+        let rules = parse_error_rules(&[], Some("f:ret<0; g:ret64==0;".into())).unwrap();
+        assert_eq!(rules.len(), 2);
+        let error = parse_error_rules(&["f:ret<<0".into()], None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("OMEGI_ERROR_IF") && error.contains("GLOB:ret"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::{
 };
 
 use aya::maps::{MapData, PerCpuArray};
-use omegi_common::{counter, event_kind, Frame, SpanEvent};
+use omegi_common::{counter, event_kind, ErrorEvent, Frame, SpanEvent, ThreadExitEvent};
 
 use crate::{
     assembly::{Assembler, Clock, Trace, IDLE_PIECE_AFTER},
@@ -72,15 +72,32 @@ impl KernelCounters {
     }
 }
 
+/// A record from the ring buffer.
+#[derive(Clone, Debug)]
+pub enum Event {
+    Span(SpanEvent),
+    Error(Box<ErrorEvent>),
+    ThreadExit(ThreadExitEvent),
+}
+
 /// Decodes one ring buffer record.
-pub fn decode(record: &[u8]) -> Option<SpanEvent> {
+pub fn decode(record: &[u8]) -> Option<Event> {
     let kind = u32::from_ne_bytes(record.get(..4)?.try_into().ok()?);
-    if kind != event_kind::SPAN || record.len() < std::mem::size_of::<SpanEvent>() {
+    match kind {
+        event_kind::SPAN => read::<SpanEvent>(record).map(Event::Span),
+        event_kind::ERROR => read::<ErrorEvent>(record).map(|event| Event::Error(Box::new(event))),
+        event_kind::THREAD_EXIT => read::<ThreadExitEvent>(record).map(Event::ThreadExit),
+        _ => None,
+    }
+}
+
+fn read<T: aya::Pod>(record: &[u8]) -> Option<T> {
+    if record.len() < std::mem::size_of::<T>() {
         return None;
     }
-    // SAFETY: the length is checked above; `SpanEvent` is plain old data and
+    // SAFETY: the length is checked above; `T` is plain old data and
     // `read_unaligned` does not need the record to be aligned.
-    Some(unsafe { std::ptr::read_unaligned(record.as_ptr().cast::<SpanEvent>()) })
+    Some(unsafe { std::ptr::read_unaligned(record.as_ptr().cast::<T>()) })
 }
 
 /// The draining thread.
@@ -145,16 +162,20 @@ fn drain(
     stats: &ReaderStats,
 ) {
     while let Some(record) = maps.events.next() {
-        match decode(&record) {
-            Some(event) => {
+        let traces = match decode(&record) {
+            Some(Event::Span(event)) => {
                 stats.spans.fetch_add(1, Ordering::Relaxed);
-                if let Some(trace) = assembler.on_span(&event) {
-                    hand_on(trace, dispatcher, stats);
-                }
+                assembler.on_span(&event)
             }
+            Some(Event::Error(event)) => assembler.on_error(&event),
+            Some(Event::ThreadExit(event)) => assembler.on_thread_exit(&event),
             None => {
                 stats.malformed.fetch_add(1, Ordering::Relaxed);
+                Vec::new()
             }
+        };
+        for trace in traces {
+            hand_on(trace, dispatcher, stats);
         }
     }
 }
@@ -209,8 +230,8 @@ mod tests {
                 std::mem::size_of::<SpanEvent>(),
             )
         };
-        assert_eq!(decode(bytes), Some(event));
-        assert_eq!(decode(&bytes[..8]), None);
-        assert_eq!(decode(&[0, 0, 0, 0, 1, 2, 3]), None);
+        assert!(matches!(decode(bytes), Some(Event::Span(decoded)) if decoded == event));
+        assert!(decode(&bytes[..8]).is_none());
+        assert!(decode(&[0, 0, 0, 0, 1, 2, 3]).is_none());
     }
 }

@@ -18,6 +18,11 @@ pub const EXIT_KIND_SHIFT: u64 = 32;
 pub mod event_kind {
     /// A [`SpanEvent`](super::SpanEvent): one traced call ended.
     pub const SPAN: u32 = 1;
+    /// An [`ErrorEvent`](super::ErrorEvent): something on the error path.
+    pub const ERROR: u32 = 2;
+    /// A [`ThreadExitEvent`](super::ThreadExitEvent): a thread that made
+    /// traced calls exited (after its open calls were closed).
+    pub const THREAD_EXIT: u32 = 3;
 }
 
 /// Why a traced call's span ended.
@@ -74,6 +79,97 @@ pub struct SpanEvent {
     pub parent_span_id: u64,
     /// Span id of the trace root this span belongs to (its own id for a root).
     pub trace_key: u64,
+    /// `rax` when the call returned through a `ret` (its return value);
+    /// 0 for other ends.
+    pub ret: u64,
+}
+
+/// What an [`ErrorEvent`] reports.
+pub mod error_kind {
+    /// `__cxa_throw`: a C++ exception is thrown.
+    pub const CXX_THROW: u32 = 1;
+    /// `__cxa_rethrow`: `throw;` rethrows the exception being handled.
+    pub const CXX_RETHROW: u32 = 2;
+    /// `__cxa_begin_catch`: a C++ catch handler starts.
+    pub const CXX_CATCH: u32 = 3;
+    /// std's panic entry point: a Rust panic starts.
+    pub const RUST_PANIC: u32 = 4;
+    /// The panic's message, as the default panic hook reads it.
+    pub const RUST_PANIC_MESSAGE: u32 = 5;
+    /// `__rust_panic_cleanup`: `catch_unwind` caught a panic.
+    pub const RUST_CATCH: u32 = 6;
+    /// A fatal signal is delivered with its default action (`value`).
+    pub const SIGNAL: u32 = 7;
+    /// `exit_group` with a non-zero code (`value`) while traced calls run.
+    pub const EXIT: u32 = 8;
+}
+
+/// Length of each text field of an [`ErrorEvent`].
+pub const ERROR_TEXT_LEN: usize = 128;
+
+/// A frame of the stack at an error: the traced calls in flight, outermost
+/// first.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ErrorFrame {
+    pub fn_id: u32,
+    /// Where in this function the call towards the error was made: the
+    /// return address of the next frame (or of the call into the runtime,
+    /// for the innermost one) minus this frame's entry probe address; 0 when
+    /// unknown.
+    pub call_offset: u32,
+    pub span_id: u64,
+}
+
+/// Something on the error path, with the thread's stack at that moment.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct ErrorEvent {
+    /// Always [`event_kind::ERROR`].
+    pub kind: u32,
+    /// One of [`error_kind`].
+    pub error_kind: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    /// Kernel monotonic clock (ns).
+    pub time_ns: u64,
+    /// Signal number or exit code.
+    pub value: i64,
+    /// Valid entries of `frames`.
+    pub depth: u32,
+    pub _pad: u32,
+    /// Valid bytes of each of `texts` (0 when absent).
+    pub text_lens: [u16; 4],
+    /// The traced calls in flight, outermost first.
+    pub frames: [ErrorFrame; MAX_DEPTH],
+    /// See [`text`].
+    pub texts: [[u8; ERROR_TEXT_LEN]; 4],
+}
+
+/// Indices into [`ErrorEvent::texts`].
+pub mod text {
+    /// C++: the thrown type's name as `std::type_info::name()` gives it.
+    pub const TYPE: usize = 0;
+    /// C++: its base class's name, and that one's base's (read as if the
+    /// type info were a `__si_class_type_info`; the agent checks them).
+    pub const BASE: usize = 1;
+    pub const BASE2: usize = 2;
+    /// Rust: the panic message. C++: the string a `std::runtime_error` or
+    /// `std::logic_error` holds (read as if the object were one; the agent
+    /// uses it only when the type is one of those).
+    pub const MESSAGE: usize = 3;
+}
+
+/// A thread that made traced calls exited.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ThreadExitEvent {
+    /// Always [`event_kind::THREAD_EXIT`].
+    pub kind: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    pub _pad: u32,
+    pub time_ns: u64,
 }
 
 /// One traced call in flight on a thread's shadow stack.
@@ -89,6 +185,8 @@ pub struct Frame {
     pub span_id: u64,
     pub parent_span_id: u64,
     pub trace_key: u64,
+    /// `rip` at the entry probe, to locate call sites within the function.
+    pub entry_ip: u64,
 }
 
 /// A thread's shadow stack (the `THREADS` map's value). The agent reads it at
@@ -100,6 +198,10 @@ pub struct ThreadStack {
     pub depth: u32,
     /// The thread's process.
     pub tgid: u32,
+    /// 1 between a throw (or panic) and its catch: frames left in that time
+    /// were unwound, even one at the same stack address as a new call.
+    pub unwinding: u32,
+    pub _pad: u32,
     pub frames: [Frame; MAX_DEPTH],
 }
 
@@ -130,6 +232,12 @@ pub mod globals {
     /// `u32`: byte offset of `child_pid` in the `sched_process_fork`
     /// tracepoint record (read from tracefs at start).
     pub const FORK_CHILD_PID_OFFSET: &str = "FORK_CHILD_PID_OFFSET";
+    /// `u32`: byte offsets of `sig` and `sa_handler` in the `signal_deliver`
+    /// tracepoint record.
+    pub const SIGNAL_SIG_OFFSET: &str = "SIGNAL_SIG_OFFSET";
+    pub const SIGNAL_HANDLER_OFFSET: &str = "SIGNAL_HANDLER_OFFSET";
+    /// `u32`: byte offset of `error_code` in `sys_enter_exit_group`.
+    pub const EXIT_CODE_OFFSET: &str = "EXIT_CODE_OFFSET";
 }
 
 /// Names of the programs and maps in the eBPF object.
@@ -139,6 +247,13 @@ pub mod names {
     pub const PROG_URETPROBE: &str = "omegi_uretprobe";
     pub const PROG_FORK: &str = "omegi_fork";
     pub const PROG_TASK_EXIT: &str = "omegi_task_exit";
+    pub const PROG_CXX_THROW: &str = "omegi_cxx_throw";
+    pub const PROG_CXX_CATCH: &str = "omegi_cxx_catch";
+    pub const PROG_RUST_PANIC: &str = "omegi_rust_panic";
+    pub const PROG_RUST_PANIC_MESSAGE: &str = "omegi_rust_panic_message";
+    pub const PROG_RUST_CATCH: &str = "omegi_rust_catch";
+    pub const PROG_SIGNAL: &str = "omegi_signal";
+    pub const PROG_EXIT_GROUP: &str = "omegi_exit_group";
     pub const MAP_EVENTS: &str = "EVENTS";
     pub const MAP_COUNTERS: &str = "COUNTERS";
     pub const MAP_TGIDS: &str = "TGIDS";
@@ -148,6 +263,12 @@ pub mod names {
 #[cfg(feature = "user")]
 // SAFETY: plain-old-data, `#[repr(C)]`, no padding the kernel leaves unset.
 unsafe impl aya::Pod for SpanEvent {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for ErrorEvent {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for ThreadExitEvent {}
 #[cfg(feature = "user")]
 // SAFETY: as above.
 unsafe impl aya::Pod for ThreadStack {}

@@ -13,24 +13,26 @@
 //! see, and is closed as such. This needs no probe on the unwinder and never
 //! touches the traced program's stack.
 //!
+//! The error path (`errors.rs`) adds probes on the C++ and Rust runtimes'
+//! throw and catch points and tracepoints for fatal signals and exits; they
+//! report with the thread's stack and mark the thread as unwinding.
+//!
 //! Nothing here formats or names anything: that is the agent's work.
 #![no_std]
 #![no_main]
 
+mod errors;
+mod stack;
+
 use aya_ebpf::{
-    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_NO_WAKEUP},
-    helpers::{
-        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_prandom_u32, bpf_ktime_get_ns,
-    },
+    helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{map, tracepoint, uprobe, uretprobe},
     maps::{HashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
     EbpfContext, Global,
 };
-use aya_log_ebpf::debug;
 use omegi_common::{
-    counter, end_reason, event_kind, span_flags, Frame, SpanEvent, ThreadStack, EXIT_KIND_SHIFT,
-    MAX_DEPTH,
+    counter, end_reason, event_kind, ThreadExitEvent, ThreadStack, EXIT_KIND_SHIFT,
 };
 
 #[map]
@@ -46,7 +48,8 @@ static TGIDS: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0);
 /// Shadow stacks by thread id, created at a thread's first traced call and
 /// removed when the thread exits.
 #[map]
-static THREADS: HashMap<u32, ThreadStack> = HashMap::with_max_entries(16384, BPF_F_NO_PREALLOC);
+static THREADS: HashMap<u32, ThreadStack> =
+    HashMap::with_max_entries(16384, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
 
 /// An all-zero stack to insert from: a `ThreadStack` is too large for the BPF stack.
 #[map]
@@ -64,8 +67,8 @@ static FORK_CHILD_PID_OFFSET: Global<u32> = Global::new(44);
 #[uprobe]
 pub fn omegi_entry(ctx: ProbeContext) -> u32 {
     let fn_id = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
-    let sp = unsafe { (*ctx.regs).rsp };
-    on_entry(&ctx, fn_id, sp);
+    let regs = unsafe { &*ctx.regs };
+    stack::on_entry(&ctx, fn_id, regs.rsp, regs.rip);
     0
 }
 
@@ -74,16 +77,16 @@ pub fn omegi_entry(ctx: ProbeContext) -> u32 {
 pub fn omegi_exit(ctx: ProbeContext) -> u32 {
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
     let reason = (cookie >> EXIT_KIND_SHIFT) as u32;
-    let sp = unsafe { (*ctx.regs).rsp };
-    on_exit(&ctx, sp, reason);
+    let regs = unsafe { &*ctx.regs };
+    stack::on_exit(regs.rsp, reason, regs.rax);
     0
 }
 
 /// The kernel's return probe: `ret` has already popped the return address.
 #[uretprobe]
 pub fn omegi_uretprobe(ctx: RetProbeContext) -> u32 {
-    let sp = unsafe { (*ctx.regs).rsp }.wrapping_sub(8);
-    on_exit(&ctx, sp, end_reason::RETURNED);
+    let regs = unsafe { &*ctx.regs };
+    stack::on_exit(regs.rsp.wrapping_sub(8), end_reason::RETURNED, regs.rax);
     0
 }
 
@@ -102,7 +105,7 @@ pub fn omegi_fork(ctx: TracePointContext) -> u32 {
 }
 
 /// `sched/sched_process_exit`: runs in the exiting thread; closes what is
-/// still on its stack.
+/// still on its stack and says the thread is gone.
 #[tracepoint]
 pub fn omegi_task_exit(_ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -110,8 +113,21 @@ pub fn omegi_task_exit(_ctx: TracePointContext) -> u32 {
     if let Some(stack) = THREADS.get_ptr_mut(&tid) {
         let stack = unsafe { &mut *stack };
         let now = unsafe { bpf_ktime_get_ns() };
-        close_frames_above(stack, u64::MAX, now, tgid, tid, end_reason::THREAD_EXIT);
+        stack::close_frames_above(stack, u64::MAX, now, tid, end_reason::THREAD_EXIT);
         let _ = THREADS.remove(&tid);
+        match EVENTS.reserve::<ThreadExitEvent>(0) {
+            Some(mut entry) => {
+                entry.write(ThreadExitEvent {
+                    kind: event_kind::THREAD_EXIT,
+                    tgid,
+                    tid,
+                    _pad: 0,
+                    time_ns: now,
+                });
+                entry.submit(0);
+            }
+            None => count(counter::RING_FULL),
+        }
     }
     if tid != tgid {
         let _ = TGIDS.remove(&tid);
@@ -124,194 +140,12 @@ fn is_traced(tgid: u32) -> bool {
     ALL_PROCESSES.load() != 0 || unsafe { TGIDS.get(&tgid) }.is_some()
 }
 
+/// The current thread's ids, if its process is traced.
 #[inline(always)]
-fn on_entry<C: EbpfContext>(ctx: &C, fn_id: u32, sp: u64) {
+fn traced_thread() -> Option<(u32, u32)> {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    if !is_traced(tgid) {
-        return;
-    }
-    let now = unsafe { bpf_ktime_get_ns() };
-    let Some(stack) = thread_stack(tgid, tid) else {
-        count(counter::THREADS_FULL);
-        debug!(ctx, "thread table full, tid {}", tid);
-        return;
-    };
-
-    // A live caller's frame is strictly above ours; anything at or below it
-    // has gone without our seeing it leave.
-    close_frames_above(stack, sp, now, tgid, tid, end_reason::UNWOUND);
-
-    let depth = stack.depth as usize;
-    if depth >= MAX_DEPTH {
-        count(counter::DEPTH_OVERFLOW);
-        return;
-    }
-    let span_id = random_id();
-    let (flags, parent_span_id, trace_key) = if depth == 0 {
-        (span_flags::TRACE_ROOT, 0, span_id)
-    } else {
-        let parent = &stack.frames[slot(depth - 1)];
-        let split_after = SPLIT_AFTER_NS.load();
-        if split_after != 0 && now.wrapping_sub(parent.start_ns) > split_after {
-            (span_flags::TRACE_ROOT, parent.span_id, span_id)
-        } else {
-            (0, parent.span_id, parent.trace_key)
-        }
-    };
-    stack.frames[slot(depth)] = Frame {
-        fn_id,
-        flags,
-        sp,
-        start_ns: now,
-        span_id,
-        parent_span_id,
-        trace_key,
-    };
-    stack.depth = depth as u32 + 1;
-}
-
-#[inline(always)]
-fn on_exit<C: EbpfContext>(ctx: &C, sp: u64, reason: u32) {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    if !is_traced(tgid) {
-        return;
-    }
-    let now = unsafe { bpf_ktime_get_ns() };
-    let Some(stack) = THREADS.get_ptr_mut(&tid) else {
-        count(counter::UNMATCHED_EXIT);
-        return;
-    };
-    let stack = unsafe { &mut *stack };
-    // Frames below the one being left were left without a return.
-    close_frames_below(stack, sp, now, tgid, tid);
-    let depth = stack.depth as usize;
-    if depth == 0 {
-        count(counter::UNMATCHED_EXIT);
-        return;
-    }
-    let top = stack.frames[slot(depth - 1)];
-    if top.sp != sp {
-        // Entered before we attached, or not traced (too deep).
-        count(counter::UNMATCHED_EXIT);
-        debug!(ctx, "unmatched exit, tid {}", tid);
-        return;
-    }
-    emit_span(&top, depth as u32 - 1, now, reason, tgid, tid);
-    stack.depth = depth as u32 - 1;
-}
-
-/// Closes, innermost first, the frames whose stack pointer is at or below
-/// `sp`: reason `REPLACED` for one exactly at `sp`, `reason` for the others.
-#[inline(always)]
-fn close_frames_above(
-    stack: &mut ThreadStack,
-    sp: u64,
-    now: u64,
-    tgid: u32,
-    tid: u32,
-    reason: u32,
-) {
-    for _ in 0..MAX_DEPTH {
-        let depth = stack.depth as usize;
-        if depth == 0 {
-            break;
-        }
-        let frame = stack.frames[slot(depth - 1)];
-        if frame.sp > sp {
-            break;
-        }
-        let why = if frame.sp == sp {
-            end_reason::REPLACED
-        } else {
-            reason
-        };
-        emit_span(&frame, depth as u32 - 1, now, why, tgid, tid);
-        stack.depth = depth as u32 - 1;
-    }
-}
-
-/// Closes as unwound the frames strictly below `sp`.
-#[inline(always)]
-fn close_frames_below(stack: &mut ThreadStack, sp: u64, now: u64, tgid: u32, tid: u32) {
-    for _ in 0..MAX_DEPTH {
-        let depth = stack.depth as usize;
-        if depth == 0 {
-            break;
-        }
-        let frame = stack.frames[slot(depth - 1)];
-        if frame.sp >= sp {
-            break;
-        }
-        emit_span(
-            &frame,
-            depth as u32 - 1,
-            now,
-            end_reason::UNWOUND,
-            tgid,
-            tid,
-        );
-        stack.depth = depth as u32 - 1;
-    }
-}
-
-#[inline(always)]
-fn emit_span(frame: &Frame, depth: u32, end_ns: u64, reason: u32, tgid: u32, tid: u32) {
-    let Some(mut entry) = EVENTS.reserve::<SpanEvent>(0) else {
-        count(counter::RING_FULL);
-        return;
-    };
-    entry.write(SpanEvent {
-        kind: event_kind::SPAN,
-        end_reason: reason,
-        tgid,
-        tid,
-        fn_id: frame.fn_id,
-        flags: frame.flags,
-        depth,
-        _pad: 0,
-        start_ns: frame.start_ns,
-        end_ns,
-        span_id: frame.span_id,
-        parent_span_id: frame.parent_span_id,
-        trace_key: frame.trace_key,
-    });
-    entry.submit(BPF_RB_NO_WAKEUP as u64);
-}
-
-#[inline(always)]
-fn thread_stack(tgid: u32, tid: u32) -> Option<&'static mut ThreadStack> {
-    if let Some(stack) = THREADS.get_ptr_mut(&tid) {
-        return Some(unsafe { &mut *stack });
-    }
-    let empty = EMPTY_STACK.get_ptr(0)?;
-    THREADS
-        .insert(&tid, unsafe { &*empty }, BPF_NOEXIST as u64)
-        .ok()?;
-    let stack = unsafe { &mut *THREADS.get_ptr_mut(&tid)? };
-    stack.tgid = tgid;
-    Some(stack)
-}
-
-/// The frame slot for a stack index. The index passes through a volatile
-/// read so that LLVM cannot fold the bounds mask into the address arithmetic
-/// (it turned `frames[(d - 1) & 63]` into `frames + d * 48 - 48`, which the
-/// verifier rejects as a possibly negative offset).
-#[inline(always)]
-fn slot(index: usize) -> usize {
-    let index = unsafe { core::ptr::read_volatile(&index) };
-    index & (MAX_DEPTH - 1)
-}
-
-#[inline(always)]
-fn random_id() -> u64 {
-    let id = unsafe { ((bpf_get_prandom_u32() as u64) << 32) | bpf_get_prandom_u32() as u64 };
-    if id == 0 {
-        1
-    } else {
-        id
-    }
+    is_traced(tgid).then_some((tgid, tid))
 }
 
 #[inline(always)]

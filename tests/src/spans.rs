@@ -27,6 +27,42 @@ pub struct SpanRecord {
     pub status: Status,
     pub attributes: Map<String, Value>,
     pub resource: Map<String, Value>,
+    /// OpenTelemetry span events (`exception` on the span where an error
+    /// started).
+    #[serde(default)]
+    pub events: Vec<SpanEventRecord>,
+}
+
+/// An event on a span.
+#[derive(Clone, Debug, Deserialize)]
+pub struct SpanEventRecord {
+    pub name: String,
+    pub attributes: Map<String, Value>,
+}
+
+impl SpanEventRecord {
+    /// A string attribute (empty when absent).
+    pub fn text(&self, key: &str) -> String {
+        self.attributes
+            .get(key)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    /// `exception.flow` as a list of function names.
+    pub fn flow(&self) -> Vec<String> {
+        self.attributes
+            .get("exception.flow")
+            .and_then(Value::as_array)
+            .map(|steps| {
+                steps
+                    .iter()
+                    .filter_map(|step| step.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
 }
 
 impl SpanRecord {
@@ -60,6 +96,23 @@ impl SpanRecord {
     pub fn is_root(&self) -> bool {
         self.parent_span_id == "0000000000000000"
     }
+
+    pub fn is_error(&self) -> bool {
+        self.status.code == "ERROR"
+    }
+
+    /// The `exception` events on this span.
+    pub fn exceptions(&self) -> impl Iterator<Item = &SpanEventRecord> {
+        self.events.iter().filter(|event| event.name == "exception")
+    }
+}
+
+/// Every `exception` event in `spans`, with the span it is on.
+pub fn exceptions(spans: &[SpanRecord]) -> Vec<(&SpanRecord, &SpanEventRecord)> {
+    spans
+        .iter()
+        .flat_map(|span| span.exceptions().map(move |event| (span, event)))
+        .collect()
 }
 
 /// Parses JSON lines (blank lines ignored).

@@ -18,9 +18,9 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use omegi_common::{end_reason, globals, names, ThreadStack, EXIT_KIND_SHIFT};
+use omegi_common::{end_reason, error_kind, globals, names, ThreadStack, EXIT_KIND_SHIFT};
 
-use crate::discovery::{ExitKind, FunctionTable};
+use crate::discovery::{ExitKind, FunctionTable, RuntimeSymbol};
 
 /// The eBPF object built by `build.rs` from `omegi-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/omegi.bpf.o"));
@@ -142,8 +142,13 @@ impl Probes {
         system::check_privileges()?;
         system::check_uprobes()?;
         let tracefs = system::ensure_tracefs()?;
-        let fork_child_pid =
-            system::tracepoint_field_offset(&tracefs, "sched", "sched_process_fork", "child_pid")?;
+        let offset = |category, name, field| {
+            system::tracepoint_field_offset(&tracefs, category, name, field)
+        };
+        let fork_child_pid = offset("sched", "sched_process_fork", "child_pid")?;
+        let signal_sig = offset("signal", "signal_deliver", "sig")?;
+        let signal_handler = offset("signal", "signal_deliver", "sa_handler")?;
+        let exit_code = offset("syscalls", "sys_enter_exit_group", "error_code")?;
 
         let split_after_ns = u64::try_from(options.split_after.as_nanos()).unwrap_or(u64::MAX);
         let all_processes = u8::from(options.all_processes);
@@ -152,6 +157,9 @@ impl Probes {
             .override_global(globals::SPLIT_AFTER_NS, &split_after_ns, true)
             .override_global(globals::ALL_PROCESSES, &all_processes, true)
             .override_global(globals::FORK_CHILD_PID_OFFSET, &fork_child_pid, true)
+            .override_global(globals::SIGNAL_SIG_OFFSET, &signal_sig, true)
+            .override_global(globals::SIGNAL_HANDLER_OFFSET, &signal_handler, true)
+            .override_global(globals::EXIT_CODE_OFFSET, &exit_code, true)
             .override_global("AYA_LOG_LEVEL", &log_level, false)
             .map_max_entries(names::MAP_EVENTS, options.ring_size)
             .load(EBPF_OBJECT)?;
@@ -171,6 +179,8 @@ impl Probes {
         for (program, category, name) in [
             (names::PROG_FORK, "sched", "sched_process_fork"),
             (names::PROG_TASK_EXIT, "sched", "sched_process_exit"),
+            (names::PROG_SIGNAL, "signal", "signal_deliver"),
+            (names::PROG_EXIT_GROUP, "syscalls", "sys_enter_exit_group"),
         ] {
             let tracepoint: &mut TracePoint = program_mut(&mut ebpf, program)?;
             tracepoint.load().map_err(|source| AttachError::Program {
@@ -184,7 +194,16 @@ impl Probes {
                     source,
                 })?;
         }
-        for program in [names::PROG_ENTRY, names::PROG_EXIT, names::PROG_URETPROBE] {
+        for program in [
+            names::PROG_ENTRY,
+            names::PROG_EXIT,
+            names::PROG_URETPROBE,
+            names::PROG_CXX_THROW,
+            names::PROG_CXX_CATCH,
+            names::PROG_RUST_PANIC,
+            names::PROG_RUST_PANIC_MESSAGE,
+            names::PROG_RUST_CATCH,
+        ] {
             let uprobe: &mut UProbe = program_mut(&mut ebpf, program)?;
             uprobe.load().map_err(|source| AttachError::Program {
                 name: program,
@@ -288,6 +307,95 @@ impl Probes {
         Ok(report)
     }
 
+    /// Puts probes on the language runtime's throw, panic and catch points,
+    /// so that exceptions and panics are seen with their type and message.
+    /// `pid` is the running process, when there is one, whose own copy of a
+    /// shared runtime (libstdc++) is probed; otherwise the system's. Returns
+    /// how many probes were attached; failures are logged, not fatal (the
+    /// error path is then seen only as unwound calls).
+    pub fn attach_error_hooks(
+        &mut self,
+        table: &FunctionTable,
+        target: &Path,
+        pid: Option<u32>,
+    ) -> usize {
+        let ebpf = self
+            .ebpf
+            .as_mut()
+            .expect("probes are attached before detach");
+        let hooks = &table.runtime;
+        let cxx = [
+            (
+                &hooks.cxx_throw,
+                names::PROG_CXX_THROW,
+                error_kind::CXX_THROW,
+            ),
+            (
+                &hooks.cxx_rethrow,
+                names::PROG_CXX_THROW,
+                error_kind::CXX_RETHROW,
+            ),
+            (
+                &hooks.cxx_begin_catch,
+                names::PROG_CXX_CATCH,
+                error_kind::CXX_CATCH,
+            ),
+        ];
+        let rust = [
+            (hooks.rust_panic, names::PROG_RUST_PANIC),
+            (hooks.rust_panic_message, names::PROG_RUST_PANIC_MESSAGE),
+        ]
+        .into_iter()
+        .filter_map(|(offset, program)| Some((offset?, program)))
+        .chain(
+            hooks
+                .rust_panic_catch
+                .iter()
+                .map(|&offset| (offset, names::PROG_RUST_CATCH)),
+        );
+        let mut attached = 0;
+        for (symbol, program, kind) in cxx {
+            let Some(symbol) = symbol else { continue };
+            let result = program_mut::<UProbe>(ebpf, program)
+                .map_err(|e| e.to_string())
+                .and_then(|probe| match symbol {
+                    RuntimeSymbol::InBinary { file_offset } => {
+                        attach_one(probe, *file_offset, u64::from(kind), target)
+                            .map_err(|e| e.to_string())
+                    }
+                    RuntimeSymbol::Imported { name } => {
+                        let library = shared_library(pid, "libstdc++");
+                        let point = UProbeAttachPoint {
+                            location: UProbeAttachLocation::Symbol(name),
+                            cookie: Some(u64::from(kind)),
+                        };
+                        probe
+                            .attach(point, &library, UProbeScope::AllProcesses)
+                            .map(|_| ())
+                            .map_err(|e| format!("{}: {e}", library.display()))
+                    }
+                });
+            match result {
+                Ok(()) => attached += 1,
+                Err(error) => tracing::warn!(
+                    "no probe on the C++ runtime ({program}): exceptions will show only as unwound calls: {error}"
+                ),
+            }
+        }
+        for (offset, program) in rust {
+            let result = program_mut::<UProbe>(ebpf, program)
+                .map_err(|e| e.to_string())
+                .and_then(|probe| attach_one(probe, offset, 0, target).map_err(|e| e.to_string()));
+            match result {
+                Ok(()) => attached += 1,
+                Err(error) => tracing::warn!(
+                    "no probe on the Rust panic runtime ({program}): panics will show only as unwound calls: {error}"
+                ),
+            }
+        }
+        attached
+    }
+
     /// Starts tracing the process `pid` (its threads and later children too).
     pub fn trace_process(&mut self, pid: u32) -> Result<(), AttachError> {
         self.tgids
@@ -302,6 +410,22 @@ impl Probes {
     pub fn detach(&mut self) {
         self.ebpf.take();
     }
+}
+
+/// The shared library whose file name starts with `prefix`: the one mapped
+/// by `pid` (through `/proc/PID/root`, so a container's own copy), or the
+/// system's from `ld.so.cache` (aya resolves a bare name there).
+fn shared_library(pid: Option<u32>, prefix: &str) -> std::path::PathBuf {
+    let mapped = pid.and_then(|pid| {
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).ok()?;
+        let path = maps.lines().find_map(|line| {
+            let path = line.split_whitespace().nth(5)?;
+            let name = Path::new(path).file_name()?.to_str()?;
+            name.starts_with(prefix).then(|| path.to_owned())
+        })?;
+        Some(std::path::PathBuf::from(format!("/proc/{pid}/root{path}")))
+    });
+    mapped.unwrap_or_else(|| prefix.into())
 }
 
 fn attach_one(

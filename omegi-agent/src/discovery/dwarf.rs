@@ -1,18 +1,31 @@
 //! Source locations from DWARF, through `addr2line`.
 
-use std::{borrow::Cow, path::PathBuf, rc::Rc};
+use std::{
+    borrow::Cow,
+    fmt,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+};
 
 use addr2line::Context;
-use gimli::{EndianRcSlice, RunTimeEndian};
+use gimli::{EndianArcSlice, RunTimeEndian};
 use object::{Object, ObjectSection};
 
 use super::DiscoveryError;
 
-type Reader = EndianRcSlice<RunTimeEndian>;
+type Reader = EndianArcSlice<RunTimeEndian>;
 
 /// Answers "which source file and line is this function in".
+/// The context is behind a lock: addr2line parses units lazily and is not
+/// `Sync`; lookups after discovery are rare (error stack traces).
 pub struct SourceIndex {
-    context: Context<Reader>,
+    context: Mutex<Context<Reader>>,
+}
+
+impl fmt::Debug for SourceIndex {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SourceIndex")
+    }
 }
 
 impl SourceIndex {
@@ -24,18 +37,24 @@ impl SourceIndex {
                 .section_by_name(id.name())
                 .and_then(|section| section.uncompressed_data().ok())
                 .unwrap_or(Cow::Borrowed(&[]));
-            Ok(EndianRcSlice::new(Rc::from(&*data), endian))
+            Ok(EndianArcSlice::new(Arc::from(&*data), endian))
         };
         let dwarf = gimli::Dwarf::load(load_section).map_err(DiscoveryError::Dwarf)?;
         let context = Context::from_dwarf(dwarf).map_err(DiscoveryError::Dwarf)?;
-        Ok(Self { context })
+        Ok(Self {
+            context: Mutex::new(context),
+        })
     }
 
     /// The file and line of the code at `address`, as written in the function
     /// that contains it (not in a function inlined there). Relative paths are
     /// already joined to the compile unit's directory by `addr2line`.
     pub fn location(&self, address: u64) -> Option<(PathBuf, Option<u32>)> {
-        let mut frames = self.context.find_frames(address).skip_all_loads().ok()?;
+        let context = self
+            .context
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        let mut frames = context.find_frames(address).skip_all_loads().ok()?;
         let mut outermost = None;
         while let Ok(Some(frame)) = frames.next() {
             if let Some(location) = frame.location {
@@ -45,7 +64,7 @@ impl SourceIndex {
             }
         }
         outermost.or_else(|| {
-            let location = self.context.find_location(address).ok()??;
+            let location = context.find_location(address).ok()??;
             Some((PathBuf::from(location.file?), location.line))
         })
     }

@@ -11,6 +11,7 @@ mod code;
 mod dwarf;
 mod elf;
 mod names;
+mod runtime;
 
 use std::{
     collections::{HashMap, HashSet},
@@ -22,7 +23,9 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
 
 pub use code::{CodeAnalysis, Exit, ExitKind, ProbeCost, ProbeSite};
+pub use dwarf::SourceIndex;
 pub use names::demangle;
+pub use runtime::{RuntimeHooks, RuntimeSymbol};
 
 /// Why discovery could not produce a function table.
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +144,10 @@ pub struct FunctionTable {
     /// Whether an unwinder in the binary could walk through a uretprobe'd
     /// frame (and so uretprobes must not be used).
     pub can_unwind: bool,
+    /// Where C++ exceptions and Rust panics can be seen.
+    pub runtime: RuntimeHooks,
+    /// Source lines by address, for the call sites in error stack traces.
+    pub sources: Option<std::sync::Arc<SourceIndex>>,
 }
 
 impl FunctionTable {
@@ -181,6 +188,8 @@ impl FunctionTable {
             skipped: HashMap::new(),
             has_dwarf,
             can_unwind: elf::can_unwind(&file),
+            runtime: runtime::find(&file),
+            sources: None,
         };
         let cold_parts = split_parts(&file);
         let mut seen_addresses = HashSet::new();
@@ -268,7 +277,23 @@ impl FunctionTable {
                 code: analysis,
             });
         }
+        table.sources = sources.map(std::sync::Arc::new);
         Ok(table)
+    }
+
+    /// The source location of a call made `call_offset` bytes after
+    /// `fn_id`'s entry probe (a return address): the line of the call.
+    pub fn call_site(&self, fn_id: u32, call_offset: u32) -> Option<(PathBuf, Option<u32>)> {
+        let function = self.get(fn_id)?;
+        let entry = function.code.entry.as_ref()?;
+        // A return address follows the call: step back into it.
+        let address = entry.address + u64::from(call_offset).checked_sub(1)?;
+        // The call may have been made by untraced code (an inlined-out
+        // library function) between this frame and the next traced one.
+        if !(function.address..function.address + function.size).contains(&address) {
+            return None;
+        }
+        self.sources.as_ref()?.location(address)
     }
 
     /// How many function symbols were left out in all.

@@ -10,9 +10,9 @@ use std::{
 use anyhow::Context as _;
 use tokio::sync::mpsc;
 
-use super::{json, ExportContext, ExporterStats};
+use super::{errors, json, ExportContext, ExporterStats};
 use crate::{
-    assembly::{Span, SpanEnd, Status, Trace},
+    assembly::{ErrorInfo, Span, SpanEnd, Status, Trace},
     cli::ConsoleFormat,
     config::ConsoleOptions,
 };
@@ -22,6 +22,39 @@ pub struct ConsoleExporter {
     out: Box<dyn Write + Send>,
     format: ConsoleFormat,
     context: Arc<ExportContext>,
+    colors: Colors,
+}
+
+/// ANSI colours, used when writing to a terminal and `NO_COLOR` is unset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Colors {
+    pub enabled: bool,
+}
+
+impl Colors {
+    /// Colours for stdout when it is a terminal and `NO_COLOR` is not set.
+    pub fn for_stdout() -> Self {
+        use std::io::IsTerminal;
+        Self {
+            enabled: io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none(),
+        }
+    }
+
+    fn paint(self, code: &str, text: &str) -> String {
+        if self.enabled {
+            format!("\x1b[{code}m{text}\x1b[0m")
+        } else {
+            text.to_owned()
+        }
+    }
+
+    fn error(self, text: &str) -> String {
+        self.paint("1;31", text)
+    }
+
+    fn dim(self, text: &str) -> String {
+        self.paint("2", text)
+    }
 }
 
 impl ConsoleExporter {
@@ -34,10 +67,16 @@ impl ConsoleExporter {
             }
             None => Box::new(io::stdout()),
         };
+        let colors = if options.output.is_some() {
+            Colors { enabled: false }
+        } else {
+            Colors::for_stdout()
+        };
         Ok(Self {
             out,
             format: options.format,
             context,
+            colors,
         })
     }
 
@@ -77,7 +116,7 @@ impl ConsoleExporter {
                 Ok(())
             }
             ConsoleFormat::Tree => {
-                let text = render_tree(trace, &self.context);
+                let text = render_tree(trace, &self.context, self.colors);
                 self.out.write_all(text.as_bytes())
             }
         }
@@ -85,13 +124,18 @@ impl ConsoleExporter {
 }
 
 /// A trace as an indented call tree, children in the order they started.
-pub fn render_tree(trace: &Trace, context: &ExportContext) -> String {
+pub fn render_tree(trace: &Trace, context: &ExportContext, colors: Colors) -> String {
     let mut out = String::new();
     let first = trace.root().or(trace.spans.last());
     let (pid, tid) = first.map_or((0, 0), |span| (span.pid, span.tid));
     let duration = trace.root().map(|root| format_duration(root.duration_ns()));
+    let title = if trace.is_error() {
+        colors.error("error trace")
+    } else {
+        "trace".to_owned()
+    };
     out.push_str(&format!(
-        "trace {}  pid {pid}  tid {tid}{}{}\n",
+        "{title} {}  pid {pid}  tid {tid}{}{}\n",
         json::trace_id_hex(trace.trace_id),
         duration.map(|d| format!("  {d}")).unwrap_or_default(),
         if trace.complete {
@@ -124,11 +168,43 @@ pub fn render_tree(trace: &Trace, context: &ExportContext) -> String {
             span,
             &children,
             context,
+            colors,
             "",
             index + 1 == tops.len(),
         );
     }
+    for error in &trace.errors {
+        render_error(&mut out, error, context, colors);
+    }
     out
+}
+
+/// The error under its trace: what, through which calls, how it ended, and
+/// where.
+fn render_error(out: &mut String, error: &ErrorInfo, context: &ExportContext, colors: Colors) {
+    let functions = &context.functions;
+    out.push_str(&format!(
+        "  {} {}\n",
+        colors.error("error:"),
+        error.description()
+    ));
+    out.push_str(&format!(
+        "    flow: {}\n",
+        errors::flow(error, functions).join(" → ")
+    ));
+    out.push_str(&format!("    {}\n", errors::outcome(error, functions)));
+    for line in errors::stacktrace(error, functions).lines() {
+        let line = match line.rsplit_once(" (") {
+            Some((call, location)) => {
+                let location = location.trim_end_matches(')');
+                let path = std::path::Path::new(location);
+                let shown = path.strip_prefix(&context.project_root).unwrap_or(path);
+                format!("{call} ({})", shown.display())
+            }
+            None => line.to_owned(),
+        };
+        out.push_str(&format!("    {}\n", colors.dim(&line)));
+    }
 }
 
 fn render_span(
@@ -136,6 +212,7 @@ fn render_span(
     span: &Span,
     children: &HashMap<u64, Vec<&Span>>,
     context: &ExportContext,
+    colors: Colors,
     prefix: &str,
     last: bool,
 ) {
@@ -152,22 +229,31 @@ fn render_span(
         })
         .map(|location| format!("  {location}"))
         .unwrap_or_default();
+    // The error's description is printed once, under the tree.
     let mut notes = Vec::new();
+    if matches!(span.status, Status::Error(_)) {
+        notes.push("✗".to_owned());
+    }
     if span.end != SpanEnd::Returned {
         notes.push(span.end.as_str().replace('_', " "));
-    }
-    if let Status::Error(message) = &span.status {
-        notes.push(format!("error: {message}"));
     }
     let notes = if notes.is_empty() {
         String::new()
     } else {
-        format!("  [{}]", notes.join(", "))
+        format!("  [{}]", notes.join(" "))
+    };
+    let line = format!(
+        "{name}  {}{location}{notes}",
+        format_duration(span.duration_ns())
+    );
+    let line = if matches!(span.status, Status::Error(_)) {
+        colors.error(&line)
+    } else {
+        line
     };
     out.push_str(&format!(
-        "{prefix}{} {name}  {}{location}{notes}\n",
+        "{prefix}{} {line}\n",
         if last { "└─" } else { "├─" },
-        format_duration(span.duration_ns()),
     ));
     let child_prefix = format!("{prefix}{}", if last { "   " } else { "│  " });
     if let Some(list) = children.get(&span.span_id) {
@@ -177,6 +263,7 @@ fn render_span(
                 child,
                 children,
                 context,
+                colors,
                 &child_prefix,
                 index + 1 == list.len(),
             );
@@ -222,6 +309,8 @@ mod tests {
                 skipped: HashMap::new(),
                 has_dwarf: true,
                 can_unwind: false,
+                runtime: Default::default(),
+                sources: None,
             }),
             service_name: "svc".into(),
             project_root: "/app".into(),
@@ -255,8 +344,9 @@ mod tests {
             ],
             complete: true,
             sampled: true,
+            errors: Vec::new(),
         };
-        let text = render_tree(&trace, &context());
+        let text = render_tree(&trace, &context(), Colors { enabled: false });
         let expected = "\
 trace 00000000000000000000000000000abc  pid 7  tid 8  2.000 ms
 └─ main  2.000 ms  src/main.c:10
@@ -274,6 +364,7 @@ trace 00000000000000000000000000000abc  pid 7  tid 8  2.000 ms
             spans: vec![span(1, 0, 0, 10, 20)],
             complete: true,
             sampled: true,
+            errors: Vec::new(),
         };
         let value = json::span_json(&trace, &trace.spans[0], &context());
         assert_eq!(value["name"], "main");
@@ -283,6 +374,35 @@ trace 00000000000000000000000000000abc  pid 7  tid 8  2.000 ms
         assert_eq!(value["attributes"]["thread.id"], 8);
         assert_eq!(value["status"]["code"], "UNSET");
         assert_eq!(value["end_time_unix_nano"], 20);
+    }
+
+    #[test]
+    fn error_traces_stand_out_in_colour() {
+        use crate::assembly::{ErrorInfo, ErrorKind, FlowStep, Outcome};
+        let mut failing = span(2, 1, 1, 20, 50);
+        failing.status = Status::Error("boom".into());
+        failing.end = SpanEnd::Unwound;
+        let trace = Trace {
+            trace_id: 1,
+            spans: vec![failing, span(1, 0, 0, 10, 60)],
+            complete: true,
+            sampled: true,
+            errors: vec![Arc::new(ErrorInfo {
+                kind: ErrorKind::Exception,
+                type_name: "Boom".into(),
+                message: "bad".into(),
+                flow: vec![FlowStep { fn_id: 1, span_id: 2 }],
+                stack: Vec::new(),
+                outcome: Outcome::CaughtBy { fn_id: 0, span_id: 1 },
+            })],
+        };
+        let plain = render_tree(&trace, &context(), Colors { enabled: false });
+        assert!(plain.starts_with("error trace "), "{plain}");
+        assert!(plain.contains("work  30 ns  src/main.c:20  [✗ unwound]"), "{plain}");
+        assert!(plain.contains("  error: Boom: bad\n    flow: work\n    caught in main\n"), "{plain}");
+        assert!(!plain.contains('\x1b'));
+        let coloured = render_tree(&trace, &context(), Colors { enabled: true });
+        assert!(coloured.contains("\x1b[1;31merror trace\x1b[0m"), "{coloured}");
     }
 
     #[test]

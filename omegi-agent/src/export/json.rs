@@ -3,8 +3,8 @@
 
 use serde_json::{json, Map, Value};
 
-use super::ExportContext;
-use crate::assembly::{Span, Status, Trace};
+use super::{errors, ExportContext};
+use crate::assembly::{ErrorInfo, Span, Status, Trace};
 
 /// Lowercase hex of a 128-bit trace id (32 characters).
 pub fn trace_id_hex(id: u128) -> String {
@@ -43,7 +43,7 @@ pub fn span_json(trace: &Trace, span: &Span, context: &ExportContext) -> Value {
         Status::Ok => json!({"code": "OK"}),
         Status::Error(message) => json!({"code": "ERROR", "message": message}),
     };
-    json!({
+    let mut value = json!({
         "name": function.map_or("?", |f| f.name.as_str()),
         "trace_id": trace_id_hex(trace.trace_id),
         "span_id": span_id_hex(span.span_id),
@@ -54,5 +54,30 @@ pub fn span_json(trace: &Trace, span: &Span, context: &ExportContext) -> Value {
         "status": status,
         "attributes": attributes,
         "resource": {"service.name": context.service_name},
+    });
+    let events: Vec<Value> = trace
+        .errors
+        .iter()
+        .filter(|error| error.flow.first().map(|step| step.span_id) == Some(span.span_id))
+        .map(|error| exception_event(error, context))
+        .collect();
+    if !events.is_empty() {
+        value["events"] = events.into();
+    }
+    value
+}
+
+/// The OpenTelemetry `exception` event, on the span where the error started.
+fn exception_event(error: &ErrorInfo, context: &ExportContext) -> Value {
+    let functions = &context.functions;
+    json!({
+        "name": "exception",
+        "attributes": {
+            "exception.type": error.type_name,
+            "exception.message": error.message,
+            "exception.stacktrace": errors::stacktrace(error, functions),
+            "exception.flow": errors::flow(error, functions),
+            "omegi.error.outcome": errors::outcome(error, functions),
+        }
     })
 }

@@ -6,6 +6,7 @@
 //! the kernel side or the traced program, and nothing is lost silently.
 
 pub mod console;
+pub mod errors;
 pub mod json;
 
 use std::{

@@ -1,0 +1,281 @@
+//! The error path: throws, panics, catches, fatal signals and failing exits.
+//!
+//! Each reports an [`ErrorEvent`] carrying the thread's traced calls in
+//! flight, but only for a thread that has some: an error that never crosses a
+//! traced function is none of omegi's business. A throw or panic marks the
+//! thread as unwinding until its catch, which closes the frames the unwinder
+//! left behind.
+
+use aya_ebpf::{
+    helpers::{bpf_get_attach_cookie, bpf_ktime_get_ns, bpf_probe_read_user, generated},
+    macros::{tracepoint, uprobe, uretprobe},
+    programs::{ProbeContext, RetProbeContext, TracePointContext},
+    EbpfContext, Global,
+};
+use omegi_common::{
+    counter, end_reason, error_kind, event_kind, text, ErrorEvent, ThreadStack, ERROR_TEXT_LEN,
+    MAX_DEPTH,
+};
+
+use crate::{count, stack, traced_thread, EVENTS, THREADS};
+
+#[no_mangle]
+static SIGNAL_SIG_OFFSET: Global<u32> = Global::new(8);
+
+#[no_mangle]
+static SIGNAL_HANDLER_OFFSET: Global<u32> = Global::new(24);
+
+#[no_mangle]
+static EXIT_CODE_OFFSET: Global<u32> = Global::new(16);
+
+/// Signals whose default action ends the process with a core dump: the
+/// program's own fault or abort (SIGILL, SIGTRAP, SIGABRT, SIGBUS, SIGFPE,
+/// SIGSEGV, SIGSYS).
+const FATAL_SIGNALS: u64 =
+    (1 << 4) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 11) | (1 << 31);
+
+/// `__cxa_throw(void *object, std::type_info *type, void (*destructor)(void *))`
+/// and `__cxa_rethrow()`; the cookie holds the error kind.
+#[uprobe]
+pub fn omegi_cxx_throw(ctx: ProbeContext) -> u32 {
+    let kind = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
+    let regs = unsafe { &*ctx.regs };
+    let (object, type_info) = (regs.rdi, regs.rsi);
+    // Where the throw statement called into the runtime.
+    let throw_site = read_u64(regs.rsp);
+    let Some(event) = start_error(kind, throw_site) else {
+        return 0;
+    };
+    if kind == error_kind::CXX_THROW {
+        // std::type_info is {vtable, const char *name}; a class with one
+        // public base (__si_class_type_info) adds the base's type_info.
+        read_str(read_u64(type_info + 8), event, text::TYPE);
+        let base = read_u64(type_info + 16);
+        if base != 0 {
+            read_str(read_u64(base + 8), event, text::BASE);
+            let base2 = read_u64(base + 16);
+            if base2 != 0 {
+                read_str(read_u64(base2 + 8), event, text::BASE2);
+            }
+        }
+        // libstdc++'s runtime_error and logic_error hold their what()
+        // string right after the vtable (a __cow_string: one char pointer).
+        read_str(read_u64(object + 8), event, text::MESSAGE);
+    }
+    submit(event);
+    0
+}
+
+/// `__cxa_begin_catch`: a handler starts in the function that called it.
+#[uprobe]
+pub fn omegi_cxx_catch(ctx: ProbeContext) -> u32 {
+    on_catch(unsafe { (*ctx.regs).rsp }, error_kind::CXX_CATCH);
+    0
+}
+
+/// std's panic entry point (`std::panicking::panic_with_hook`, called after
+/// the panic's payload is built and before the hook runs).
+#[uprobe]
+pub fn omegi_rust_panic(_ctx: ProbeContext) -> u32 {
+    if let Some(event) = start_error(error_kind::RUST_PANIC, 0) {
+        submit(event);
+    }
+    0
+}
+
+/// Return of `std::panicking::payload_as_str`, which the default panic hook
+/// calls to get the message: a `&str` in `rax`/`rdx`. Only read while the
+/// thread is panicking through traced calls.
+#[uretprobe]
+pub fn omegi_rust_panic_message(ctx: RetProbeContext) -> u32 {
+    let Some((tgid, tid)) = traced_thread() else {
+        return 0;
+    };
+    let Some(stack) = THREADS.get_ptr(&tid) else {
+        return 0;
+    };
+    if unsafe { (*stack).unwinding } == 0 {
+        return 0;
+    }
+    let regs = unsafe { &*ctx.regs };
+    let Some(event) = reserve(error_kind::RUST_PANIC_MESSAGE, tgid, tid) else {
+        return 0;
+    };
+    let len = (regs.rdx as usize).min(ERROR_TEXT_LEN);
+    let destination = &mut event.texts[text::MESSAGE];
+    let read = unsafe {
+        generated::bpf_probe_read_user(
+            destination.as_mut_ptr().cast(),
+            len as u32,
+            regs.rax as *const _,
+        )
+    };
+    event.text_lens[text::MESSAGE] = if read == 0 { len as u16 } else { 0 };
+    submit(event);
+    0
+}
+
+/// `__rust_panic_cleanup`: `catch_unwind` caught a panic.
+#[uprobe]
+pub fn omegi_rust_catch(ctx: ProbeContext) -> u32 {
+    on_catch(unsafe { (*ctx.regs).rsp }, error_kind::RUST_CATCH);
+    0
+}
+
+/// `signal/signal_deliver`, in the receiving thread: a fatal signal with its
+/// default action is about to end the process.
+#[tracepoint]
+pub fn omegi_signal(ctx: TracePointContext) -> u32 {
+    let signal: i32 = unsafe { ctx.read_at(SIGNAL_SIG_OFFSET.load() as usize) }.unwrap_or(0);
+    let handler: u64 = unsafe { ctx.read_at(SIGNAL_HANDLER_OFFSET.load() as usize) }.unwrap_or(1);
+    // SIG_DFL is 0; with a handler the program deals with the signal itself.
+    if handler != 0 || !(1..64).contains(&signal) || FATAL_SIGNALS & (1 << signal) == 0 {
+        return 0;
+    }
+    if let Some(event) = start_error(error_kind::SIGNAL, 0) {
+        event.value = i64::from(signal);
+        submit(event);
+    }
+    0
+}
+
+/// `syscalls/sys_enter_exit_group`: the process exits; a non-zero code with
+/// traced calls still running on this thread is an error.
+#[tracepoint]
+pub fn omegi_exit_group(ctx: TracePointContext) -> u32 {
+    let code: i64 = unsafe { ctx.read_at(EXIT_CODE_OFFSET.load() as usize) }.unwrap_or(0);
+    let code = i64::from(code as i32);
+    if code == 0 {
+        return 0;
+    }
+    if let Some(event) = start_error(error_kind::EXIT, 0) {
+        event.value = code;
+        submit(event);
+    }
+    0
+}
+
+/// Starts an error event with the current thread's stack, if the thread has
+/// traced calls in flight. Throws and panics mark the thread as unwinding.
+#[inline(always)]
+fn start_error(kind: u32, innermost_return: u64) -> Option<&'static mut ErrorEvent> {
+    let (tgid, tid) = traced_thread()?;
+    let stack = unsafe { &mut *THREADS.get_ptr_mut(&tid)? };
+    if stack.depth == 0 {
+        return None;
+    }
+    if matches!(
+        kind,
+        error_kind::CXX_THROW | error_kind::CXX_RETHROW | error_kind::RUST_PANIC
+    ) {
+        stack.unwinding = 1;
+    }
+    let event = reserve(kind, tgid, tid)?;
+    copy_stack(stack, event, innermost_return);
+    Some(event)
+}
+
+/// A catch handler starts with `rsp` = `sp`: every traced frame at or below
+/// it was unwound; the catcher is the innermost frame left.
+#[inline(always)]
+fn on_catch(sp: u64, kind: u32) {
+    let Some((tgid, tid)) = traced_thread() else {
+        return;
+    };
+    let Some(stack) = THREADS.get_ptr_mut(&tid) else {
+        return;
+    };
+    let stack = unsafe { &mut *stack };
+    if stack.unwinding == 0 {
+        return;
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    stack::close_frames_above(stack, sp, now, tid, end_reason::UNWOUND);
+    stack.unwinding = 0;
+    if let Some(event) = reserve(kind, tgid, tid) {
+        copy_stack(stack, event, 0);
+        submit(event);
+    }
+}
+
+#[inline(always)]
+fn reserve(kind: u32, tgid: u32, tid: u32) -> Option<&'static mut ErrorEvent> {
+    let Some(entry) = EVENTS.reserve::<ErrorEvent>(0) else {
+        count(counter::RING_FULL);
+        return None;
+    };
+    // The entry is submitted by `submit` through this same pointer.
+    let event = unsafe { &mut *entry.as_ptr().cast_mut() };
+    core::mem::forget(entry);
+    event.kind = event_kind::ERROR;
+    event.error_kind = kind;
+    event.tgid = tgid;
+    event.tid = tid;
+    event.time_ns = unsafe { bpf_ktime_get_ns() };
+    event.value = 0;
+    event.depth = 0;
+    event._pad = 0;
+    event.text_lens = [0; 4];
+    Some(event)
+}
+
+#[inline(always)]
+fn submit(event: &'static mut ErrorEvent) {
+    unsafe { generated::bpf_ringbuf_submit((event as *mut ErrorEvent).cast(), 0) };
+}
+
+/// Copies the traced calls in flight, outermost first, with where each one
+/// made the call towards the next (its callee's return address, read from
+/// the callee's frame).
+#[inline(always)]
+fn copy_stack(stack: &ThreadStack, event: &mut ErrorEvent, innermost_return: u64) {
+    let depth = (stack.depth as usize).min(MAX_DEPTH);
+    event.depth = depth as u32;
+    for index in 0..MAX_DEPTH {
+        if index >= depth {
+            break;
+        }
+        let frame = &stack.frames[stack::slot(index)];
+        let return_address = if index + 1 < depth {
+            read_u64(stack.frames[stack::slot(index + 1)].sp)
+        } else {
+            innermost_return
+        };
+        let offset = return_address.wrapping_sub(frame.entry_ip);
+        let out = &mut event.frames[stack::slot(index)];
+        out.fn_id = frame.fn_id;
+        out.call_offset = if return_address != 0 && offset < u64::from(u32::MAX) {
+            offset as u32
+        } else {
+            0
+        };
+        out.span_id = frame.span_id;
+    }
+}
+
+#[inline(always)]
+fn read_u64(address: u64) -> u64 {
+    if address == 0 {
+        return 0;
+    }
+    unsafe { bpf_probe_read_user(address as *const u64) }.unwrap_or(0)
+}
+
+/// Reads a NUL-terminated string at `address` into `event.texts[index]`.
+#[inline(always)]
+fn read_str(address: u64, event: &mut ErrorEvent, index: usize) {
+    if address == 0 {
+        return;
+    }
+    let index = index & 3;
+    let destination = &mut event.texts[index];
+    let read = unsafe {
+        generated::bpf_probe_read_user_str(
+            destination.as_mut_ptr().cast(),
+            ERROR_TEXT_LEN as u32,
+            address as *const _,
+        )
+    };
+    // The helper counts the NUL it writes.
+    event.text_lens[index] = if read > 1 { (read - 1) as u16 } else { 0 };
+}

@@ -1,0 +1,398 @@
+//! Issue 3: error traces — C++ exceptions, Rust panics, fatal signals,
+//! failing exits and return-value rules — with the path each error took, and
+//! the traced program behaving exactly as without omegi.
+
+use std::os::unix::process::ExitStatusExt;
+
+use omegi_tests::{
+    fixtures::{self, Linking},
+    run::{self, Agent, Traced},
+    spans::{exceptions, traces, SpanRecord},
+};
+
+fn agent() -> Agent {
+    Agent::new(env!("CARGO_BIN_EXE_omegi-agent"))
+}
+
+/// Thread ids and pids in Rust's panic messages differ between runs.
+fn without_ids(text: &str) -> String {
+    let mut out = String::new();
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        out.push(c);
+        if c == '(' && chars.peek().is_some_and(char::is_ascii_digit) {
+            while chars.peek().is_some_and(char::is_ascii_digit) {
+                chars.next();
+            }
+            out.push('N');
+        }
+    }
+    out
+}
+
+/// Runs `file` traced and untraced and checks the program cannot tell:
+/// same stdout, stderr and exit status (code or signal).
+fn trace_unharmed(file: &str, linking: Linking, args: &[&str], extra: &[&str]) -> Traced {
+    let exe = fixtures::build(file, linking);
+    let traced = agent().trace(&exe, args, extra);
+    let plain = run::untraced(&exe, args);
+    assert_eq!(
+        (traced.status.code(), traced.status.signal()),
+        (plain.status.code(), plain.status.signal()),
+        "{file} {args:?}: exit differs; agent said:\n{}",
+        traced.agent_stderr()
+    );
+    assert_eq!(
+        traced.stdout,
+        String::from_utf8_lossy(&plain.stdout),
+        "{file} {args:?}: stdout"
+    );
+    assert_eq!(
+        without_ids(&traced.program_stderr()),
+        without_ids(&String::from_utf8_lossy(&plain.stderr)),
+        "{file} {args:?}: stderr"
+    );
+    assert_eq!(
+        traced.agent_stderr(),
+        "",
+        "{file} {args:?}: the agent complained"
+    );
+    for trace in traces(&traced.spans) {
+        trace.check_well_formed();
+    }
+    traced
+}
+
+fn names_of_errors(spans: &[SpanRecord]) -> Vec<String> {
+    spans
+        .iter()
+        .filter(|span| span.is_error())
+        .map(|span| span.name.clone())
+        .collect()
+}
+
+#[test]
+fn cpp_exception_caught_by_a_user_function() {
+    for linking in [Linking::Pie, Linking::NoPie] {
+        let traced = trace_unharmed("cpp/errors_caught.cpp", linking, &[], &[]);
+        let traces = traces(&traced.spans);
+        assert_eq!(traces.len(), 1);
+        assert_eq!(
+            traces[0].shape(),
+            "main(\
+             handle_request(parse_record(parse_field(check_range))) \
+             handle_request(parse_record(parse_field(check_range(ValidationError::ValidationError))) \
+             ValidationError::~ValidationError) \
+             outer(log_and_rethrow(parse_field(check_range(ValidationError::ValidationError))) \
+             ValidationError::~ValidationError))"
+        );
+        // The spans the errors left, innermost first, and nothing else.
+        assert_eq!(
+            names_of_errors(&traced.spans),
+            vec![
+                "check_range",
+                "parse_field",
+                "parse_record",
+                "check_range",
+                "parse_field",
+                "log_and_rethrow"
+            ]
+        );
+        let messages: Vec<String> = traced
+            .spans
+            .iter()
+            .filter(|span| span.is_error())
+            .map(|span| {
+                assert_eq!(span.end(), "unwound");
+                span.status.message.clone().unwrap_or_default()
+            })
+            .collect();
+        let rejected = "ValidationError: value 700 out of range";
+        let rethrown = "ValidationError: value 500 out of range";
+        assert_eq!(
+            messages,
+            vec![rejected, rejected, rejected, rethrown, rethrown, rethrown]
+        );
+
+        let errors = exceptions(&traced.spans);
+        assert_eq!(errors.len(), 3);
+        let (span, first) = errors[0];
+        assert_eq!(span.name, "check_range");
+        assert_eq!(first.text("exception.type"), "ValidationError");
+        assert_eq!(first.text("exception.message"), "value 700 out of range");
+        assert_eq!(
+            first.flow(),
+            vec!["check_range", "parse_field", "parse_record"]
+        );
+        assert_eq!(
+            first.text("omegi.error.outcome"),
+            "caught in handle_request"
+        );
+        let stack: Vec<String> = first
+            .text("exception.stacktrace")
+            .lines()
+            .map(|line| line.rsplit('/').next().unwrap().to_owned())
+            .collect();
+        // The throw site, then the line of each call on the way there.
+        assert_eq!(
+            stack,
+            vec![
+                "errors_caught.cpp:13)",
+                "errors_caught.cpp:18)",
+                "errors_caught.cpp:23)",
+                "errors_caught.cpp:29)",
+                "errors_caught.cpp:56)"
+            ]
+        );
+        assert!(first
+            .text("exception.stacktrace")
+            .starts_with("at check_range ("));
+
+        // Caught, logged and rethrown: two legs of one exception.
+        let (_, caught) = errors[1];
+        assert_eq!(caught.flow(), vec!["check_range", "parse_field"]);
+        assert_eq!(
+            caught.text("omegi.error.outcome"),
+            "caught in log_and_rethrow"
+        );
+        let (span, rethrown) = errors[2];
+        assert_eq!(span.name, "log_and_rethrow");
+        assert_eq!(rethrown.text("exception.type"), "ValidationError");
+        assert_eq!(rethrown.text("exception.message"), "value 500 out of range");
+        assert_eq!(rethrown.flow(), vec!["log_and_rethrow"]);
+        assert_eq!(rethrown.text("omegi.error.outcome"), "caught in outer");
+    }
+}
+
+#[test]
+fn cpp_exception_nobody_catches_ends_in_sigabrt() {
+    let traced = trace_unharmed("cpp/errors_uncaught.cpp", Linking::Pie, &[], &[]);
+    assert_eq!(traced.status.signal(), Some(libc_sigabrt()));
+    assert_eq!(
+        names_of_errors(&traced.spans),
+        vec!["load_config", "start_server", "main"]
+    );
+    let errors = exceptions(&traced.spans);
+    assert_eq!(errors.len(), 1);
+    let (span, error) = errors[0];
+    assert_eq!(span.name, "load_config");
+    assert_eq!(span.end(), "thread_exit");
+    assert_eq!(error.text("exception.type"), "std::runtime_error");
+    assert_eq!(error.text("exception.message"), "config file missing");
+    assert_eq!(error.flow(), vec!["load_config", "start_server", "main"]);
+    assert_eq!(
+        error.text("omegi.error.outcome"),
+        "the process was killed by SIGABRT"
+    );
+}
+
+#[test]
+fn cpp_exceptions_in_a_loop_on_threads_never_break_unwinding() {
+    let traced = trace_unharmed("cpp/errors_stress.cpp", Linking::Pie, &[], &[]);
+    // Seeds 0..600, a throw for every seed not ≡ 2 (mod 3).
+    let errors = exceptions(&traced.spans);
+    assert_eq!(errors.len(), 400);
+    for (_, error) in &errors {
+        assert_eq!(error.text("exception.type"), "std::out_of_range");
+        assert_eq!(error.text("exception.message"), "bottom reached");
+        assert_eq!(error.flow(), vec!["descend"; 9]);
+        assert_eq!(error.text("omegi.error.outcome"), "caught in iteration");
+    }
+    assert_eq!(
+        traced.spans.iter().filter(|span| span.is_error()).count(),
+        400 * 9
+    );
+}
+
+#[test]
+fn rust_panics_caught_and_ending_a_thread() {
+    for linking in [Linking::Pie, Linking::NoPie] {
+        let traced = trace_unharmed("rust/errors_panics.rs", linking, &[], &[]);
+        let traces = traces(&traced.spans);
+        let shapes: Vec<String> = traces.iter().map(|trace| trace.shape()).collect();
+        assert_eq!(
+            shapes,
+            vec![
+                "errors_panics::main(\
+                 errors_panics::handle_request(errors_panics::handle_request::{{closure}}(\
+                 errors_panics::parse_field(errors_panics::check_range))) \
+                 errors_panics::handle_request(errors_panics::handle_request::{{closure}}(\
+                 errors_panics::parse_field(errors_panics::check_range))))",
+                "errors_panics::main::{{closure}}(errors_panics::worker(\
+                 errors_panics::parse_field(errors_panics::check_range)))",
+            ]
+        );
+        let errors = exceptions(&traced.spans);
+        assert_eq!(errors.len(), 2);
+        let caught = errors
+            .iter()
+            .find(|(_, e)| {
+                e.text("omegi.error.outcome") == "caught in errors_panics::handle_request"
+            })
+            .expect("the caught panic");
+        assert_eq!(caught.1.text("exception.type"), "panic");
+        assert_eq!(caught.1.text("exception.message"), "value 700 out of range");
+        assert_eq!(
+            caught.1.flow(),
+            vec![
+                "errors_panics::check_range",
+                "errors_panics::parse_field",
+                "errors_panics::handle_request::{{closure}}"
+            ]
+        );
+        let ended = errors
+            .iter()
+            .find(|(_, e)| e.text("omegi.error.outcome") == "ended its thread")
+            .expect("the panic that ended its thread");
+        assert_eq!(ended.1.text("exception.message"), "value 900 out of range");
+        assert_eq!(ended.1.flow().len(), 4);
+        // The first request returned normally: none of its spans is an error.
+        let first_request: Vec<&SpanRecord> = traces[0]
+            .spans
+            .iter()
+            .filter(|span| span.end() == "returned" && span.name != "errors_panics::main")
+            .collect();
+        assert!(first_request.iter().all(|span| !span.is_error()));
+        assert_eq!(
+            traced.spans.iter().filter(|span| span.is_error()).count(),
+            7
+        );
+    }
+}
+
+#[test]
+fn rust_panic_with_panic_abort_ends_in_sigabrt() {
+    let traced = trace_unharmed("rust/errors_abort.rs", Linking::Pie, &[], &[]);
+    assert_eq!(traced.status.signal(), Some(libc_sigabrt()));
+    let errors = exceptions(&traced.spans);
+    assert_eq!(errors.len(), 1);
+    let (_, error) = errors[0];
+    assert_eq!(error.text("exception.type"), "panic");
+    assert_eq!(error.text("exception.message"), "empty input");
+    assert_eq!(
+        error.flow(),
+        vec![
+            "errors_abort::read_header",
+            "errors_abort::decode",
+            "errors_abort::main"
+        ]
+    );
+    assert_eq!(
+        error.text("omegi.error.outcome"),
+        "the process was killed by SIGABRT"
+    );
+}
+
+#[test]
+fn rust_panics_in_a_loop_on_threads_never_break_unwinding() {
+    let traced = trace_unharmed("rust/errors_stress.rs", Linking::Pie, &[], &[]);
+    let errors = exceptions(&traced.spans);
+    assert_eq!(errors.len(), 400);
+    let mut flow = vec!["errors_stress::descend"; 9];
+    flow.push("errors_stress::iteration::{{closure}}");
+    for (_, error) in &errors {
+        assert_eq!(error.text("exception.type"), "panic");
+        assert_eq!(error.flow(), flow);
+        assert_eq!(
+            error.text("omegi.error.outcome"),
+            "caught in errors_stress::iteration"
+        );
+    }
+}
+
+#[test]
+fn fatal_signals_close_the_trace_as_an_error() {
+    for (mode, signal, flow) in [
+        ("segv", "SIGSEGV", vec!["read_value", "run", "main"]),
+        ("fpe", "SIGFPE", vec!["divide", "run", "main"]),
+        ("bus", "SIGBUS", vec!["touch_mapping", "run", "main"]),
+        ("ill", "SIGILL", vec!["run", "main"]),
+        ("abort", "SIGABRT", vec!["run", "main"]),
+    ] {
+        let traced = trace_unharmed("c/errors_signals.c", Linking::Pie, &[mode], &[]);
+        assert!(
+            traced.status.signal().is_some(),
+            "{mode}: not killed by a signal"
+        );
+        let errors = exceptions(&traced.spans);
+        assert_eq!(errors.len(), 1, "{mode}");
+        let (span, error) = errors[0];
+        assert_eq!(span.name, flow[0], "{mode}");
+        assert_eq!(error.text("exception.type"), signal, "{mode}");
+        assert_eq!(error.flow(), flow, "{mode}");
+        assert_eq!(
+            error.text("omegi.error.outcome"),
+            format!("the process was killed by {signal}")
+        );
+        assert_eq!(names_of_errors(&traced.spans), flow, "{mode}");
+    }
+}
+
+#[test]
+fn a_failing_exit_with_calls_running_is_an_error() {
+    let traced = trace_unharmed("c/errors_signals.c", Linking::NoPie, &["exit"], &[]);
+    assert_eq!(traced.status.code(), Some(3));
+    let errors = exceptions(&traced.spans);
+    assert_eq!(errors.len(), 1);
+    let (_, error) = errors[0];
+    assert_eq!(error.text("exception.type"), "exit");
+    assert_eq!(error.flow(), vec!["fail", "run", "main"]);
+    assert_eq!(
+        error.text("omegi.error.outcome"),
+        "the process exited with code 3"
+    );
+}
+
+#[test]
+fn no_error_no_error_trace() {
+    let traced = trace_unharmed("c/errors_signals.c", Linking::Pie, &["none"], &[]);
+    assert!(exceptions(&traced.spans).is_empty());
+    assert!(names_of_errors(&traced.spans).is_empty());
+    // Without a rule, a -1 return is just a return.
+    let traced = trace_unharmed("c/errors_signals.c", Linking::Pie, &["returns"], &[]);
+    assert!(names_of_errors(&traced.spans).is_empty());
+}
+
+#[test]
+fn return_value_rules_mark_failing_calls() {
+    let traced = trace_unharmed(
+        "c/errors_signals.c",
+        Linking::Pie,
+        &["returns"],
+        &["--error-if", "parse_*:ret<0"],
+    );
+    let digits: Vec<&SpanRecord> = traced
+        .spans
+        .iter()
+        .filter(|span| span.name == "parse_digit")
+        .collect();
+    assert_eq!(digits.len(), 2);
+    assert!(!digits[0].is_error());
+    assert!(digits[1].is_error());
+    let errors = exceptions(&traced.spans);
+    assert_eq!(errors.len(), 1);
+    let (_, error) = errors[0];
+    assert_eq!(error.text("exception.type"), "return value");
+    assert_eq!(
+        error.text("exception.message"),
+        "returned -1 (--error-if parse_*:ret<0)"
+    );
+    assert_eq!(error.flow(), vec!["parse_digit"]);
+    assert_eq!(names_of_errors(&traced.spans), vec!["parse_digit"]);
+}
+
+#[test]
+fn a_bad_return_value_rule_is_refused() {
+    let exe = fixtures::build("c/errors_signals.c", Linking::Pie);
+    let traced = agent().trace(&exe, &["returns"], &["--error-if", "parse_*:ret<<0"]);
+    assert_eq!(traced.status.code(), Some(1));
+    let lines: Vec<&str> = traced.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{}", traced.stderr);
+    assert!(lines[0].starts_with("omegi-agent: error: OMEGI_ERROR_IF (--error-if)"));
+    assert!(lines[0].contains("GLOB:ret OP INTEGER"));
+    assert!(traced.stdout.is_empty(), "the program must not have run");
+}
+
+fn libc_sigabrt() -> i32 {
+    6
+}
