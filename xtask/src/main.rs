@@ -40,12 +40,19 @@ enum Task {
     Demo,
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().task {
+fn main() -> std::process::ExitCode {
+    let result = match Cli::parse().task {
         Task::Setup => setup::all(),
         Task::BuildEbpf => build_ebpf(),
         Task::Test { args } => test(&args),
         Task::Demo => demo(),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("cargo xtask: error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }
 

@@ -391,18 +391,33 @@ trace 00000000000000000000000000000abc  pid 7  tid 8  2.000 ms
                 kind: ErrorKind::Exception,
                 type_name: "Boom".into(),
                 message: "bad".into(),
-                flow: vec![FlowStep { fn_id: 1, span_id: 2 }],
+                flow: vec![FlowStep {
+                    fn_id: 1,
+                    span_id: 2,
+                }],
                 stack: Vec::new(),
-                outcome: Outcome::CaughtBy { fn_id: 0, span_id: 1 },
+                outcome: Outcome::CaughtBy {
+                    fn_id: 0,
+                    span_id: 1,
+                },
             })],
         };
         let plain = render_tree(&trace, &context(), Colors { enabled: false });
         assert!(plain.starts_with("error trace "), "{plain}");
-        assert!(plain.contains("work  30 ns  src/main.c:20  [✗ unwound]"), "{plain}");
-        assert!(plain.contains("  error: Boom: bad\n    flow: work\n    caught in main\n"), "{plain}");
+        assert!(
+            plain.contains("work  30 ns  src/main.c:20  [✗ unwound]"),
+            "{plain}"
+        );
+        assert!(
+            plain.contains("  error: Boom: bad\n    flow: work\n    caught in main\n"),
+            "{plain}"
+        );
         assert!(!plain.contains('\x1b'));
         let coloured = render_tree(&trace, &context(), Colors { enabled: true });
-        assert!(coloured.contains("\x1b[1;31merror trace\x1b[0m"), "{coloured}");
+        assert!(
+            coloured.contains("\x1b[1;31merror trace\x1b[0m"),
+            "{coloured}"
+        );
     }
 
     #[test]
