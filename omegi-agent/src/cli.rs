@@ -102,6 +102,11 @@ pub struct Cli {
     #[arg(long, default_value_t = 4096, value_name = "N")]
     pub queue_size: usize,
 
+    /// Longest the exporters may take, when tracing ends, to deliver what
+    /// they hold; spans still undelivered then are counted as failed.
+    #[arg(long, default_value = "5s", value_name = "DURATION")]
+    pub flush_timeout: String,
+
     /// Size of the kernel-to-agent ring buffer (power of two).
     #[arg(long, default_value = "8MiB", value_name = "SIZE")]
     pub ring_size: String,
