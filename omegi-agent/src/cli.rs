@@ -15,7 +15,9 @@ Examples:
   sudo omegi-agent --binary /app/server       every process of a binary, now and later
   omegi-agent --list --binary ./server        what would be traced, without attaching
 
-Every OMEGI_* variable can also be given as the flag beside it; a flag wins.";
+Every OMEGI_* variable can also be given as the flag beside it; a flag wins.
+The otlp exporter reads the standard OTEL_EXPORTER_OTLP_* variables (ENDPOINT,
+PROTOCOL, HEADERS, TIMEOUT, COMPRESSION; see the README).";
 
 /// Traces the user's own functions in a running program with eBPF uprobes and
 /// ships every call as a span.
