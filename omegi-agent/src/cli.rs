@@ -17,7 +17,7 @@ Examples:
 
 Every OMEGI_* variable can also be given as the flag beside it; a flag wins.
 The otlp exporter reads the standard OTEL_EXPORTER_OTLP_* variables (ENDPOINT,
-PROTOCOL, HEADERS, TIMEOUT, COMPRESSION; see the README).";
+PROTOCOL, HEADERS, TIMEOUT, COMPRESSION, CERTIFICATE; see the README).";
 
 /// Traces the user's own functions in a running program with eBPF uprobes and
 /// ships every call as a span.

@@ -24,7 +24,8 @@ use omegi_tests::{
     fixtures::{self, Linking},
     otlp::{
         proto::tonic::trace::v1::{span::SpanKind, status::StatusCode},
-        unreachable_endpoint, Collector, ReceivedSpan, SilentCollector, Transport, Value,
+        unreachable_endpoint, Collector, ReceivedSpan, SilentCollector, TestCertificates,
+        Transport, Value,
     },
     run::{self, run_to_end},
     spans::{parse_lines, traces, SpanRecord},
@@ -126,9 +127,9 @@ fn check_program_and_console(exe: &Path, run: &Run) {
     }
 }
 
-/// The number between `prefix` and `what` in the agent's summary (its
-/// `… traces, … spans; …` line and the `dropped: …` line), e.g. `otlp: ` and
-/// `spans exported` in `…; otlp: 128 spans exported`.
+/// The number just before `what`, after `prefix`, in the agent's summary
+/// (its `… traces, … spans; …` line and its `dropped: …` line): e.g. `otlp: `
+/// and `not sampled` in `…; otlp: 32 spans exported, 96 not sampled; …`.
 fn summary_count(run: &Run, prefix: &str, what: &str) -> Option<u64> {
     let text: String = run
         .agent_lines()
@@ -136,10 +137,14 @@ fn summary_count(run: &Run, prefix: &str, what: &str) -> Option<u64> {
         .filter(|line| line.contains(" traces, ") || line.contains("dropped: "))
         .collect::<Vec<_>>()
         .join("\n");
-    let start = text.find(prefix)? + prefix.len();
-    let rest = &text[start..];
-    let end = rest.find(what)?;
-    rest[..end].trim().parse().ok()
+    let after = &text[text.find(prefix)? + prefix.len()..];
+    let before = &after[..after.find(what)?];
+    before
+        .split_whitespace()
+        .last()?
+        .trim_matches(|c| c == '(' || c == ',')
+        .parse()
+        .ok()
 }
 
 /// Every received span is the console span with the same ids, field for field.
@@ -316,6 +321,79 @@ fn the_per_signal_endpoint_is_used_as_it_is() {
     assert_eq!(received.len(), SPANS, "{}", run.stderr);
 }
 
+/// An `https://` collector is checked against the CA certificates in
+/// `OTEL_EXPORTER_OTLP_CERTIFICATE`: with the collector's CA everything
+/// arrives, over both protocols; with another CA nothing does, and the
+/// spans are counted as failed.
+#[test]
+fn https_collectors_are_verified() {
+    let exe = orders();
+    let certificates = TestCertificates::generate();
+    let dir = omegi_tests::scratch_dir("otlp-tls");
+    let right_ca = certificates.write_ca(&dir);
+    let other_dir = omegi_tests::scratch_dir("otlp-tls-other");
+    let wrong_ca = TestCertificates::generate().write_ca(&other_dir);
+    let collector = Collector::start_tls(&certificates);
+    for (protocol, transport, endpoint) in [
+        ("grpc", Transport::Grpc, collector.grpc_endpoint()),
+        ("http/protobuf", Transport::Http, collector.http_endpoint()),
+    ] {
+        assert!(endpoint.starts_with("https://"));
+        let run = traced(
+            &exe,
+            &[
+                ("OMEGI_EXPORTER_KIND", "otlp,console"),
+                ("OMEGI_FLOW_RATE", "1"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+                ("OTEL_EXPORTER_OTLP_CERTIFICATE", right_ca.to_str().unwrap()),
+            ],
+            &["--quiet"],
+        );
+        check_program_and_console(&exe, &run);
+        assert_eq!(run.agent_lines(), "", "{protocol}");
+        let received: Vec<ReceivedSpan> = collector
+            .spans()
+            .into_iter()
+            .filter(|span| span.transport == transport)
+            .collect();
+        assert_eq!(received.len(), SPANS, "{protocol}");
+        check_same_spans(&received, &run.console, "test-server");
+
+        let run = traced(
+            &exe,
+            &[
+                ("OMEGI_EXPORTER_KIND", "otlp,console"),
+                ("OMEGI_FLOW_RATE", "1"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", protocol),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+                (
+                    "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+                    wrong_ca.to_str().unwrap(),
+                ),
+            ],
+            &["--quiet"],
+        );
+        check_program_and_console(&exe, &run);
+        let lines = run.agent_lines();
+        assert!(
+            lines.contains("otlp: cannot deliver"),
+            "{protocol}: {lines}"
+        );
+        assert_eq!(
+            summary_count(&run, "dropped: ", "spans failed to export to otlp"),
+            Some(SPANS as u64),
+            "{protocol}: {lines}"
+        );
+        let still: usize = collector
+            .spans()
+            .iter()
+            .filter(|span| span.transport == transport)
+            .count();
+        assert_eq!(still, SPANS, "{protocol}: nothing more arrived");
+    }
+}
+
 /// With N > 1 exactly the traces the trace-id rule picks arrive, whole; with
 /// the default `OMEGI_FLOW_RATE` too.
 #[test]
@@ -357,7 +435,7 @@ fn flow_sampling_follows_the_trace_id_rule() {
             run.agent_lines()
         );
         assert_eq!(
-            summary_count(&run, "spans exported, ", "not sampled"),
+            summary_count(&run, "otlp: ", "not sampled"),
             Some((SPANS - expected.len()) as u64),
             "{}",
             run.agent_lines()
@@ -454,7 +532,7 @@ fn refused_requests_are_retried_and_counted() {
         check_same_spans(&received, &run.console, "test-server");
         let lines = run.agent_lines();
         assert!(lines.contains("nothing dropped"), "{protocol}: {lines}");
-        let retried = summary_count(&run, "spans exported (", "retried)");
+        let retried = summary_count(&run, "otlp: ", "retried)");
         assert!(
             retried.is_some_and(|n| n > 0 && n <= SPANS as u64),
             "{protocol}: {lines}"
@@ -478,19 +556,25 @@ fn bad_otlp_configuration_is_refused_at_start() {
         ),
         (
             &[("OTEL_EXPORTER_OTLP_ENDPOINT", "not a url")],
-            "OTEL_EXPORTER_OTLP_ENDPOINT = \"not a url\" is not valid: an http:// URL",
+            "OTEL_EXPORTER_OTLP_ENDPOINT = \"not a url\" is not valid: an http:// or https:// URL",
         ),
         (
             &[
                 ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
                 ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4317"),
             ],
-            "OTEL_EXPORTER_OTLP_ENDPOINT = \"collector:4317\" is not valid: an http:// URL of the \
-             OTLP collector, such as http://collector:4317",
+            "OTEL_EXPORTER_OTLP_ENDPOINT = \"collector:4317\" is not valid: an http:// or https:// \
+             URL of the OTLP collector, such as http://collector:4317",
         ),
         (
-            &[("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "https://collector:4318/v1/traces")],
-            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT = \"https://collector:4318/v1/traces\" is not valid",
+            &[("OTEL_EXPORTER_OTLP_CERTIFICATE", "/nonexistent/ca.pem")],
+            "OTEL_EXPORTER_OTLP_CERTIFICATE = \"/nonexistent/ca.pem\" is not valid: a PEM file of \
+             CA certificates (cannot read it",
+        ),
+        (
+            &[("OTEL_EXPORTER_OTLP_CLIENT_KEY", "/etc/omegi/key.pem")],
+            "OTEL_EXPORTER_OTLP_CLIENT_KEY = \"/etc/omegi/key.pem\" is not valid: unset: omegi does \
+             not support client certificates",
         ),
         (
             &[("OTEL_EXPORTER_OTLP_TIMEOUT", "10s")],
@@ -564,6 +648,7 @@ fn error_traces_always_go_out_with_their_exception() {
             timeout: Duration::from_secs(10),
             headers: Vec::new(),
             gzip: false,
+            ca_certificates: None,
         };
         let function = |id: u32, name: &str, line| Function {
             id,

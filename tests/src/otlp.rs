@@ -7,6 +7,9 @@
 //! accepted. It can be told to refuse the next requests (gRPC `UNAVAILABLE`,
 //! HTTP 503, which a client should retry).
 //!
+//! [`Collector::start_tls`] serves both over TLS, with a certificate from a
+//! CA made for the test ([`TestCertificates`]).
+//!
 //! [`unreachable_endpoint`] and [`SilentCollector`] stand for a collector
 //! that is down and one that never answers.
 
@@ -88,11 +91,21 @@ pub struct Collector {
     state: Arc<State>,
     grpc: SocketAddr,
     http: SocketAddr,
+    scheme: &'static str,
 }
 
 impl Collector {
     /// Starts both servers on free loopback ports.
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// Starts both servers with TLS, presenting `certificates.server_pem`.
+    pub fn start_tls(certificates: &TestCertificates) -> Self {
+        Self::start_with(Some(certificates))
+    }
+
+    fn start_with(tls: Option<&TestCertificates>) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -112,13 +125,22 @@ impl Collector {
             state: Arc::clone(&state),
         })
         .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
+        let mut server = tonic::transport::Server::builder();
+        if let Some(tls) = tls {
+            server = server
+                .tls_config(tonic::transport::ServerTlsConfig::new().identity(
+                    tonic::transport::Identity::from_pem(&tls.server_pem, &tls.key_pem),
+                ))
+                .expect("gRPC TLS");
+        }
         runtime.spawn(async move {
-            tonic::transport::Server::builder()
+            server
                 .add_service(service)
                 .serve_with_incoming(tonic::transport::server::TcpIncoming::from(grpc))
                 .await
                 .expect("gRPC collector");
         });
+        let acceptor = tls.map(TestCertificates::acceptor);
         let http_state = Arc::clone(&state);
         runtime.spawn(async move {
             loop {
@@ -126,12 +148,16 @@ impl Collector {
                     continue;
                 };
                 let state = Arc::clone(&http_state);
+                let acceptor = acceptor.clone();
                 tokio::spawn(async move {
-                    let service =
-                        service_fn(move |request| handle_http(Arc::clone(&state), request));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    match acceptor {
+                        Some(acceptor) => {
+                            if let Ok(stream) = acceptor.accept(stream).await {
+                                serve_http(state, stream).await;
+                            }
+                        }
+                        None => serve_http(state, stream).await,
+                    }
                 });
             }
         });
@@ -140,18 +166,19 @@ impl Collector {
             state,
             grpc: grpc_addr,
             http: http_addr,
+            scheme: if tls.is_some() { "https" } else { "http" },
         }
     }
 
-    /// `http://127.0.0.1:PORT` of the gRPC server.
+    /// `http://127.0.0.1:PORT` of the gRPC server (`https://` with TLS).
     pub fn grpc_endpoint(&self) -> String {
-        format!("http://{}", self.grpc)
+        format!("{}://{}", self.scheme, self.grpc)
     }
 
     /// `http://127.0.0.1:PORT` of the HTTP server (a base: the client adds
-    /// `/v1/traces`).
+    /// `/v1/traces`; `https://` with TLS).
     pub fn http_endpoint(&self) -> String {
-        format!("http://{}", self.http)
+        format!("{}://{}", self.scheme, self.http)
     }
 
     /// Refuse the next `n` requests (as an overloaded collector does).
@@ -254,6 +281,16 @@ impl TraceService for GrpcService {
             partial_success: None,
         }))
     }
+}
+
+async fn serve_http<IO>(state: Arc<State>, io: IO)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |request| handle_http(Arc::clone(&state), request));
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(io), service)
+        .await;
 }
 
 async fn handle_http(
@@ -417,5 +454,65 @@ impl SilentCollector {
 
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.listener.local_addr().unwrap())
+    }
+}
+
+/// A CA and a server certificate (for `127.0.0.1` and `localhost`) signed by
+/// it, made fresh: what a TLS collector presents and a client must trust.
+pub struct TestCertificates {
+    /// The CA certificate, PEM: what `OTEL_EXPORTER_OTLP_CERTIFICATE` names.
+    pub ca_pem: String,
+    pub server_pem: String,
+    pub key_pem: String,
+}
+
+impl TestCertificates {
+    pub fn generate() -> Self {
+        use rcgen::{
+            BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
+            IsCa, KeyPair,
+        };
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "omegi test CA");
+        let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+        let key = KeyPair::generate().unwrap();
+        let mut server =
+            CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+        server.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        server
+            .distinguished_name
+            .push(DnType::CommonName, "omegi test collector");
+        let server = server.signed_by(&key, &ca).unwrap();
+        Self {
+            ca_pem: ca.pem(),
+            server_pem: server.pem(),
+            key_pem: key.serialize_pem(),
+        }
+    }
+
+    /// Writes the CA certificate to `dir/ca.pem` and returns its path.
+    pub fn write_ca(&self, dir: &std::path::Path) -> std::path::PathBuf {
+        let path = dir.join("ca.pem");
+        std::fs::write(&path, &self.ca_pem).unwrap();
+        path
+    }
+
+    fn acceptor(&self) -> tokio_rustls::TlsAcceptor {
+        use rustls::pki_types::{pem::PemObject, CertificateDer, PrivateKeyDer};
+        let chain = CertificateDer::pem_slice_iter(self.server_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .unwrap();
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .unwrap();
+        tokio_rustls::TlsAcceptor::from(Arc::new(config))
     }
 }

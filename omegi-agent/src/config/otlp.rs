@@ -12,16 +12,22 @@
 //! | variable | value |
 //! | --- | --- |
 //! | `OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL` | `http/protobuf` (default) or `grpc` |
-//! | `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT` | an `http://` URL |
+//! | `OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT` | an `http://` or `https://` URL |
 //! | `OTEL_EXPORTER_OTLP_[TRACES_]HEADERS` | `key=value,…` (values may be %-encoded) |
 //! | `OTEL_EXPORTER_OTLP_[TRACES_]TIMEOUT` | milliseconds per export, retries included |
 //! | `OTEL_EXPORTER_OTLP_[TRACES_]COMPRESSION` | `gzip` or `none` |
+//! | `OTEL_EXPORTER_OTLP_[TRACES_]CERTIFICATE` | a PEM file of the CA certificates to trust (https) |
+//!
+//! Client certificates (`…_CLIENT_KEY`, `…_CLIENT_CERTIFICATE`) are refused:
+//! omegi does not send one, and ignoring them would fail later and obscurely.
 //!
 //! The general `OTEL_EXPORTER_OTLP_ENDPOINT` is a base URL: over HTTP
 //! `/v1/traces` is appended to it; `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is used
 //! as it is. An empty variable counts as unset.
 
-use std::time::Duration;
+use std::{path::PathBuf, time::Duration};
+
+use rustls::pki_types::{pem::PemObject, CertificateDer};
 
 use super::ConfigError;
 
@@ -35,6 +41,15 @@ pub const TIMEOUT: &str = "OTEL_EXPORTER_OTLP_TIMEOUT";
 pub const TRACES_TIMEOUT: &str = "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT";
 pub const COMPRESSION: &str = "OTEL_EXPORTER_OTLP_COMPRESSION";
 pub const TRACES_COMPRESSION: &str = "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION";
+pub const CERTIFICATE: &str = "OTEL_EXPORTER_OTLP_CERTIFICATE";
+pub const TRACES_CERTIFICATE: &str = "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE";
+/// Client (mutual) TLS: not supported.
+pub const CLIENT_TLS: [&str; 4] = [
+    "OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE",
+    "OTEL_EXPORTER_OTLP_TRACES_CLIENT_CERTIFICATE",
+    "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+    "OTEL_EXPORTER_OTLP_TRACES_CLIENT_KEY",
+];
 
 /// The specification's default export timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -76,6 +91,25 @@ pub struct OtlpOptions {
     /// variable itself; this is the checked form, for messages and tests.
     pub headers: Vec<(String, String)>,
     pub gzip: bool,
+    /// The CA certificates to trust for an `https://` endpoint, instead of
+    /// the system's (`OTEL_EXPORTER_OTLP_CERTIFICATE`).
+    pub ca_certificates: Option<CaCertificates>,
+}
+
+/// A PEM file of CA certificates, read at start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CaCertificates {
+    pub path: PathBuf,
+    pub pem: Vec<u8>,
+}
+
+impl CaCertificates {
+    /// The certificates in the file (at least one: checked at start).
+    pub fn certificates(&self) -> Vec<CertificateDer<'static>> {
+        CertificateDer::pem_slice_iter(&self.pem)
+            .filter_map(Result::ok)
+            .collect()
+    }
 }
 
 /// Reads a variable of the process environment (empty or absent: `None`).
@@ -122,12 +156,25 @@ impl OtlpOptions {
             None => false,
             Some((name, value)) => parse_compression(name, &value)?,
         };
+        let ca_certificates = match first(TRACES_CERTIFICATE, CERTIFICATE) {
+            None => None,
+            Some((name, value)) => Some(read_ca_certificates(name, &value)?),
+        };
+        if let Some((name, value)) = CLIENT_TLS.iter().find_map(|name| var(name)) {
+            return Err(ConfigError {
+                name,
+                value,
+                expected: "unset: omegi does not support client certificates (mutual TLS) yet"
+                    .into(),
+            });
+        }
         Ok(Self {
             protocol,
             endpoint,
             timeout,
             headers,
             gzip,
+            ca_certificates,
         })
     }
 }
@@ -144,8 +191,8 @@ fn parse_protocol(name: &'static str, value: &str) -> Result<OtlpProtocol, Confi
     }
 }
 
-/// An endpoint must be an absolute `http://` URL with a host: a schemeless
-/// `host:port` is refused rather than guessed at.
+/// An endpoint must be an absolute `http://` or `https://` URL with a host: a
+/// schemeless `host:port` is refused rather than guessed at.
 fn check_endpoint(
     name: &'static str,
     value: &str,
@@ -163,24 +210,32 @@ fn check_endpoint(
     let trimmed = value.trim();
     let uri: http::Uri = trimmed
         .parse()
-        .map_err(|_| error("an http:// URL of the OTLP collector"))?;
-    match uri.scheme_str() {
-        Some("http") => {}
-        Some("https") => {
-            return Err(error(
-                "an http:// URL (this build of omegi has no TLS; use a local collector or \
-                 sidecar to reach an https endpoint)",
-            ))
-        }
-        _ => return Err(error("an http:// URL of the OTLP collector")),
+        .map_err(|_| error("an http:// or https:// URL of the OTLP collector"))?;
+    if !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(error("an http:// or https:// URL of the OTLP collector"));
     }
     if uri.host().is_none_or(str::is_empty) {
-        return Err(error("an http:// URL with a host"));
+        return Err(error("a URL with a host"));
     }
     if uri.query().is_some() {
-        return Err(error("an http:// URL without a query"));
+        return Err(error("a URL without a query"));
     }
     Ok(trimmed.to_owned())
+}
+
+fn read_ca_certificates(name: &'static str, value: &str) -> Result<CaCertificates, ConfigError> {
+    let error = |why: String| ConfigError {
+        name,
+        value: value.into(),
+        expected: format!("a PEM file of CA certificates ({why})"),
+    };
+    let path = PathBuf::from(value.trim());
+    let pem = std::fs::read(&path).map_err(|e| error(format!("cannot read it: {e}")))?;
+    let certificates = CaCertificates { path, pem };
+    if certificates.certificates().is_empty() {
+        return Err(error("no certificate found in it".into()));
+    }
+    Ok(certificates)
 }
 
 fn parse_timeout(name: &'static str, value: &str) -> Result<Duration, ConfigError> {
@@ -332,15 +387,42 @@ mod tests {
                 TRACES_PROTOCOL,
                 "grpc or http/protobuf",
             ),
-            (vec![(ENDPOINT, "not a url")], ENDPOINT, "http:// URL"),
-            (vec![(ENDPOINT, "collector:4317")], ENDPOINT, "http:// URL"),
-            (vec![(ENDPOINT, "ftp://c/")], ENDPOINT, "http:// URL"),
             (
-                vec![(TRACES_ENDPOINT, "http://")],
-                TRACES_ENDPOINT,
-                "http://",
+                vec![(ENDPOINT, "not a url")],
+                ENDPOINT,
+                "http:// or https:// URL",
             ),
-            (vec![(ENDPOINT, "https://c:4318")], ENDPOINT, "no TLS"),
+            (
+                vec![(ENDPOINT, "collector:4317")],
+                ENDPOINT,
+                "http:// or https:// URL",
+            ),
+            (
+                vec![(ENDPOINT, "ftp://c/")],
+                ENDPOINT,
+                "http:// or https:// URL",
+            ),
+            (vec![(TRACES_ENDPOINT, "http://")], TRACES_ENDPOINT, "URL"),
+            (
+                vec![(ENDPOINT, "http://c/?q=1")],
+                ENDPOINT,
+                "without a query",
+            ),
+            (
+                vec![(CERTIFICATE, "/nonexistent/ca.pem")],
+                CERTIFICATE,
+                "cannot read it",
+            ),
+            (
+                vec![(TRACES_CERTIFICATE, "/proc/version")],
+                TRACES_CERTIFICATE,
+                "no certificate",
+            ),
+            (
+                vec![("OTEL_EXPORTER_OTLP_CLIENT_KEY", "/k.pem")],
+                "OTEL_EXPORTER_OTLP_CLIENT_KEY",
+                "mutual TLS",
+            ),
             (vec![(TIMEOUT, "10s")], TIMEOUT, "milliseconds"),
             (vec![(COMPRESSION, "zstd")], COMPRESSION, "gzip or none"),
             (vec![(HEADERS, "a=1,b")], HEADERS, "key=value"),
@@ -367,6 +449,13 @@ mod tests {
         );
         let error = options(&[(HEADERS, "api-key=topsecret,broken")]).unwrap_err();
         assert!(!error.to_string().contains("topsecret"), "{error}");
+    }
+
+    #[test]
+    fn https_endpoints_are_accepted() {
+        let o = options(&[(ENDPOINT, "https://c.example:4318")]).unwrap();
+        assert_eq!(o.endpoint, "https://c.example:4318/v1/traces");
+        assert_eq!(o.ca_certificates, None);
     }
 
     #[test]

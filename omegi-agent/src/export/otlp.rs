@@ -45,6 +45,7 @@ use opentelemetry::{
 };
 use opentelemetry_http::{hyper::HyperClient, HttpClient, HttpError};
 use opentelemetry_otlp::{
+    tonic_types::transport::{Certificate, ClientTlsConfig},
     Protocol, WithExportConfig as _, WithHttpConfig as _, WithTonicConfig as _,
 };
 use opentelemetry_sdk::{
@@ -271,7 +272,7 @@ impl Attempts {
 /// The HTTP client the SDK sends through: hyper, counting attempts.
 #[derive(Debug)]
 struct CountingClient {
-    inner: HyperClient,
+    inner: Arc<dyn HttpClient>,
     attempts: Arc<Attempts>,
 }
 
@@ -319,12 +320,18 @@ fn build_exporter(
     options: &OtlpOptions,
     attempts: &Arc<Attempts>,
 ) -> anyhow::Result<opentelemetry_otlp::SpanExporter> {
-    // Endpoint, protocol and timeout are given here; headers and compression
-    // the SDK reads from the (already checked) environment.
+    let https = options
+        .endpoint
+        .parse::<http::Uri>()
+        .ok()
+        .and_then(|uri| uri.scheme_str().map(|s| s.eq_ignore_ascii_case("https")))
+        .unwrap_or(false);
+    // Endpoint, protocol, timeout and TLS are given here; headers and
+    // compression the SDK reads from the (already checked) environment.
     let exporter = match options.protocol {
         OtlpProtocol::Grpc => {
             let attempts = Arc::clone(attempts);
-            opentelemetry_otlp::SpanExporter::builder()
+            let mut builder = opentelemetry_otlp::SpanExporter::builder()
                 .with_tonic()
                 .with_endpoint(options.endpoint.clone())
                 .with_protocol(Protocol::Grpc)
@@ -332,19 +339,34 @@ fn build_exporter(
                 .with_interceptor(move |request| {
                     attempts.count.fetch_add(1, Ordering::Relaxed);
                     Ok(request)
+                });
+            if https {
+                builder = builder.with_tls_config(grpc_tls(options)?);
+            }
+            builder.build()
+        }
+        OtlpProtocol::HttpProtobuf => {
+            let inner: Arc<dyn HttpClient> = if https {
+                let connector = hyper_rustls::HttpsConnectorBuilder::new()
+                    .with_tls_config(rustls_config(options)?)
+                    .https_or_http()
+                    .enable_http1()
+                    .build();
+                Arc::new(HyperClient::new(connector, options.timeout, None))
+            } else {
+                Arc::new(HyperClient::with_default_connector(options.timeout, None))
+            };
+            opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_endpoint(options.endpoint.clone())
+                .with_protocol(Protocol::HttpBinary)
+                .with_timeout(options.timeout)
+                .with_http_client(CountingClient {
+                    inner,
+                    attempts: Arc::clone(attempts),
                 })
                 .build()
         }
-        OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_endpoint(options.endpoint.clone())
-            .with_protocol(Protocol::HttpBinary)
-            .with_timeout(options.timeout)
-            .with_http_client(CountingClient {
-                inner: HyperClient::with_default_connector(options.timeout, None),
-                attempts: Arc::clone(attempts),
-            })
-            .build(),
     };
     exporter.with_context(|| {
         format!(
@@ -352,6 +374,53 @@ fn build_exporter(
             options.protocol.as_str(),
             options.endpoint
         )
+    })
+}
+
+/// The certificates an `https://` collector is checked against: the file in
+/// `OTEL_EXPORTER_OTLP_CERTIFICATE`, else the system's.
+fn trusted_roots(options: &OtlpOptions) -> anyhow::Result<rustls::RootCertStore> {
+    let mut roots = rustls::RootCertStore::empty();
+    match &options.ca_certificates {
+        Some(file) => {
+            let (added, _) = roots.add_parsable_certificates(file.certificates());
+            if added == 0 {
+                anyhow::bail!(
+                    "no usable CA certificate in {} (OTEL_EXPORTER_OTLP_CERTIFICATE)",
+                    file.path.display()
+                );
+            }
+        }
+        None => {
+            roots.add_parsable_certificates(rustls_native_certs::load_native_certs().certs);
+            if roots.is_empty() {
+                anyhow::bail!(
+                    "no CA certificates found on this system to check {} against: install them \
+                     (Debian: ca-certificates) or name a PEM file in \
+                     OTEL_EXPORTER_OTLP_CERTIFICATE",
+                    options.endpoint
+                );
+            }
+        }
+    }
+    Ok(roots)
+}
+
+fn rustls_config(options: &OtlpOptions) -> anyhow::Result<rustls::ClientConfig> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS set-up")?
+        .with_root_certificates(trusted_roots(options)?)
+        .with_no_client_auth())
+}
+
+fn grpc_tls(options: &OtlpOptions) -> anyhow::Result<ClientTlsConfig> {
+    // Checked here so that a missing store fails at start, not at export.
+    trusted_roots(options)?;
+    Ok(match &options.ca_certificates {
+        Some(file) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&file.pem)),
+        None => ClientTlsConfig::new().with_native_roots(),
     })
 }
 
