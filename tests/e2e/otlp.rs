@@ -421,13 +421,16 @@ fn flow_sampling_follows_the_trace_id_rule() {
         assert_eq!(got, want, "rate {rate}");
         assert_eq!(received.len(), expected.len(), "whole traces, rate {rate}");
         check_same_spans(&received, &expected, "test-server");
-        // 32 traces: all or none chosen has a chance below 1e-5.
-        assert!(
-            !want.is_empty() && want.len() < TRACES,
-            "rate {rate}: {}",
-            want.len()
-        );
-
+        // Some chosen, some not (at rate 3 with 32 traces, all or none has a
+        // chance below 1e-5; the default rate is only checked for equality,
+        // as none chosen has a chance near 1e-3 there).
+        if rate == 3 {
+            assert!(
+                !want.is_empty() && want.len() < TRACES,
+                "rate {rate}: {}",
+                want.len()
+            );
+        }
         assert_eq!(
             summary_count(&run, "otlp: ", "spans exported"),
             Some(expected.len() as u64),
