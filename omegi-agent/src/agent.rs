@@ -270,6 +270,14 @@ fn report_summary(
             stats.name,
             load(&stats.spans)
         );
+        let retried = load(&stats.retried_spans);
+        if retried > 0 {
+            let _ = write!(line, " ({retried} retried)");
+        }
+        let sampled_out = load(&stats.sampled_out_spans);
+        if sampled_out > 0 {
+            let _ = write!(line, ", {sampled_out} not sampled");
+        }
         let queue_full = load(&stats.queue_full_spans);
         let failed = load(&stats.failed_spans);
         if queue_full > 0 {

@@ -15,7 +15,9 @@ Examples:
   sudo omegi-agent --binary /app/server       every process of a binary, now and later
   omegi-agent --list --binary ./server        what would be traced, without attaching
 
-Every OMEGI_* variable can also be given as the flag beside it; a flag wins.";
+Every OMEGI_* variable can also be given as the flag beside it; a flag wins.
+The otlp exporter reads the standard OTEL_EXPORTER_OTLP_* variables (ENDPOINT,
+PROTOCOL, HEADERS, TIMEOUT, COMPRESSION, CERTIFICATE; see the README).";
 
 /// Traces the user's own functions in a running program with eBPF uprobes and
 /// ships every call as a span.
@@ -108,6 +110,11 @@ pub struct Cli {
     /// counted.
     #[arg(long, default_value_t = 4096, value_name = "N")]
     pub queue_size: usize,
+
+    /// Longest the exporters may take, when tracing ends, to deliver what
+    /// they hold; spans still undelivered then are counted as failed.
+    #[arg(long, default_value = "5s", value_name = "DURATION")]
+    pub flush_timeout: String,
 
     /// Size of the kernel-to-agent ring buffer (power of two).
     #[arg(long, default_value = "8MiB", value_name = "SIZE")]

@@ -11,6 +11,9 @@ use crate::{
     discovery::Selection,
 };
 
+pub mod otlp;
+pub use otlp::OtlpOptions;
+
 /// A value that cannot be used.
 #[derive(Debug, thiserror::Error)]
 #[error("{name} = {value:?} is not valid: {expected}")]
@@ -36,10 +39,14 @@ pub enum Target {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ExporterKind {
     Console,
+    Otlp,
 }
 
 impl ExporterKind {
-    pub const ALL: &'static [(&'static str, ExporterKind)] = &[("console", ExporterKind::Console)];
+    pub const ALL: &'static [(&'static str, ExporterKind)] = &[
+        ("console", ExporterKind::Console),
+        ("otlp", ExporterKind::Otlp),
+    ];
 
     pub fn name(self) -> &'static str {
         Self::ALL
@@ -68,6 +75,12 @@ pub struct Config {
     pub exporters: Vec<ExporterKind>,
     pub flow_rate: u32,
     pub console: ConsoleOptions,
+    /// Settings of the OTLP exporter (from the `OTEL_EXPORTER_OTLP_*`
+    /// variables), when it is selected.
+    pub otlp: Option<OtlpOptions>,
+    /// Longest the exporters may take, when tracing ends, to deliver what they
+    /// hold; what is left then is counted as failed.
+    pub flush_timeout: Duration,
     pub kernel: KernelOptions,
     pub return_probes: ReturnProbes,
     pub max_trace_spans: usize,
@@ -86,6 +99,7 @@ impl Config {
             (None, None, command) => Target::Command(command),
         };
         let split_after = parse_duration("--split-after", &cli.split_after)?;
+        let exporters = parse_exporters(&cli.exporter)?;
         let kernel = KernelOptions {
             split_after,
             all_processes: matches!(target, Target::Binary(_)),
@@ -101,12 +115,18 @@ impl Config {
                 exclude: cli.exclude,
             },
             service_name: parse_service_name(cli.service_name)?,
-            exporters: parse_exporters(&cli.exporter)?,
+            exporters: exporters.clone(),
             flow_rate: parse_flow_rate(&cli.flow_rate)?,
             console: ConsoleOptions {
                 format: cli.format,
                 output: cli.output,
             },
+            otlp: if exporters.contains(&ExporterKind::Otlp) {
+                Some(OtlpOptions::from_env(otlp::os_env)?)
+            } else {
+                None
+            },
+            flush_timeout: parse_duration("--flush-timeout", &cli.flush_timeout)?,
             kernel,
             return_probes: cli.return_probes,
             max_trace_spans: positive("--max-trace-spans", cli.max_trace_spans)?,

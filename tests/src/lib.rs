@@ -7,8 +7,11 @@
 //! - [`run`]: runs a fixture with and without the agent and reads back the
 //!   spans it exported (`--format json`).
 //! - [`spans`]: exported spans and the call trees they form.
+//! - [`otlp`]: an OTLP collector (gRPC and HTTP/protobuf) that keeps what it
+//!   receives.
 
 pub mod fixtures;
+pub mod otlp;
 pub mod run;
 pub mod spans;
 

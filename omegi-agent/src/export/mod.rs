@@ -8,6 +8,8 @@
 pub mod console;
 pub mod errors;
 pub mod json;
+pub mod otlp;
+pub mod sampling;
 
 use std::{
     path::PathBuf,
@@ -47,6 +49,8 @@ pub struct ExporterStats {
     /// Spans that could not be delivered (an I/O or delivery error, after
     /// retries, or still undelivered at the shutdown deadline).
     pub failed_spans: AtomicU64,
+    /// Spans of traces left out by the flow sampling (not lost: not chosen).
+    pub sampled_out_spans: AtomicU64,
 }
 
 impl ExporterStats {
@@ -86,7 +90,6 @@ impl Dispatcher {
 /// clients.
 enum Worker {
     Thread(std::thread::JoinHandle<()>),
-    #[allow(dead_code)] // until the first network exporter
     Task(tokio::task::JoinHandle<()>),
 }
 
@@ -116,6 +119,18 @@ impl Exporters {
                             .name("omegi-console".into())
                             .spawn(move || exporter.run(receiver, &worker_stats))?,
                     ));
+                }
+                ExporterKind::Otlp => {
+                    let options = config.otlp.as_ref().ok_or_else(|| {
+                        anyhow::anyhow!("the OTLP exporter was selected without its settings")
+                    })?;
+                    workers.push(Worker::Task(otlp::spawn(
+                        options,
+                        config.flush_timeout,
+                        Arc::clone(&context),
+                        receiver,
+                        Arc::clone(&exporter_stats),
+                    )?));
                 }
             }
             queues.push((sender, Arc::clone(&exporter_stats)));
