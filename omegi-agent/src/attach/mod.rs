@@ -249,38 +249,40 @@ impl Probes {
             });
         }
 
-        match mechanism {
-            ReturnMechanism::Uretprobe => {
-                let uretprobe: &mut UProbe = program_mut(ebpf, names::PROG_URETPROBE)?;
-                for function in table.functions.iter().filter(|f| attached[f.id as usize]) {
-                    let site = function.code.entry.as_ref().expect("attached above");
-                    match attach_one(uretprobe, site.file_offset, u64::from(function.id), target) {
-                        Ok(()) => report.exit_probes += 1,
-                        Err(error) => {
-                            tracing::warn!("no return probe on {}: {error}", function.name)
-                        }
+        if mechanism == ReturnMechanism::Uretprobe {
+            let uretprobe: &mut UProbe = program_mut(ebpf, names::PROG_URETPROBE)?;
+            for function in table.functions.iter().filter(|f| attached[f.id as usize]) {
+                let site = function.code.entry.as_ref().expect("attached above");
+                match attach_one(uretprobe, site.file_offset, u64::from(function.id), target) {
+                    Ok(()) => report.exit_probes += 1,
+                    Err(error) => {
+                        tracing::warn!("no return probe on {}: {error}", function.name)
                     }
                 }
             }
-            ReturnMechanism::Sites => {
-                let exit: &mut UProbe = program_mut(ebpf, names::PROG_EXIT)?;
-                for function in table.functions.iter().filter(|f| attached[f.id as usize]) {
-                    for site in &function.code.exits {
-                        let reason = match site.kind {
-                            ExitKind::Return => end_reason::RETURNED,
-                            ExitKind::TailJump => end_reason::TAIL_CALL,
-                        };
-                        let cookie =
-                            (u64::from(reason) << EXIT_KIND_SHIFT) | u64::from(function.id);
-                        match attach_one(exit, site.site.file_offset, cookie, target) {
-                            Ok(()) => report.exit_probes += 1,
-                            Err(error) => tracing::warn!(
-                                "no exit probe at {:#x} in {}: {error}",
-                                site.site.address,
-                                function.name
-                            ),
-                        }
-                    }
+        }
+        // Exit sites: every `ret` and tail jump with return sites; only the
+        // tail jumps with uretprobes, which see returns but not a `jmp` out
+        // of the function (unprobed, a tail call would end `replaced` when a
+        // traced function it jumps to starts, or else when that one returns).
+        let exit: &mut UProbe = program_mut(ebpf, names::PROG_EXIT)?;
+        for function in table.functions.iter().filter(|f| attached[f.id as usize]) {
+            for site in &function.code.exits {
+                if mechanism == ReturnMechanism::Uretprobe && site.kind == ExitKind::Return {
+                    continue;
+                }
+                let reason = match site.kind {
+                    ExitKind::Return => end_reason::RETURNED,
+                    ExitKind::TailJump => end_reason::TAIL_CALL,
+                };
+                let cookie = (u64::from(reason) << EXIT_KIND_SHIFT) | u64::from(function.id);
+                match attach_one(exit, site.site.file_offset, cookie, target) {
+                    Ok(()) => report.exit_probes += 1,
+                    Err(error) => tracing::warn!(
+                        "no exit probe at {:#x} in {}: {error}",
+                        site.site.address,
+                        function.name
+                    ),
                 }
             }
         }
