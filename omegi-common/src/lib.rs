@@ -13,6 +13,11 @@ pub const MAX_DEPTH: usize = 64;
 /// An exit probe's cookie is `(end_reason << EXIT_KIND_SHIFT) | fn_id`.
 pub const EXIT_KIND_SHIFT: u64 = 32;
 
+/// An entry probe's cookie is `(flags << ENTRY_FLAGS_SHIFT) | fn_id`, where
+/// `flags` are [`span_flags`] the function's frames always carry (only
+/// [`span_flags::OPEN_EXITS`]).
+pub const ENTRY_FLAGS_SHIFT: u64 = 32;
+
 /// Kinds of records in the events ring buffer. Every record starts with a
 /// `u32` holding one of these.
 pub mod event_kind {
@@ -26,7 +31,8 @@ pub mod end_reason {
     pub const RETURNED: u32 = 0;
     /// A probed tail jump left the function.
     pub const TAIL_CALL: u32 = 1;
-    /// Another traced function started in the same stack frame: the call was
+    /// Another traced function started in the same stack frame of a function
+    /// with [`OPEN_EXITS`](super::span_flags::OPEN_EXITS): the call was
     /// replaced by a jump we could not see (an indirect tail call).
     pub const REPLACED: u32 = 2;
     /// The stack moved above the frame without a return: unwinding (an
@@ -40,6 +46,11 @@ pub mod end_reason {
 pub mod span_flags {
     /// The span starts a trace of its own (see `SpanEvent::trace_key`).
     pub const TRACE_ROOT: u32 = 1;
+    /// The function can leave by a jump no probe sees (an indirect jump, a
+    /// conditional jump out of it). Only then can a traced call starting in
+    /// its stack frame mean it was replaced; for a function whose every exit
+    /// is probed, that frame was left by unwinding or `longjmp`.
+    pub const OPEN_EXITS: u32 = 2;
 }
 
 /// One traced call that ended, as the kernel saw it.

@@ -29,8 +29,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use omegi_common::{
-    counter, end_reason, event_kind, span_flags, Frame, SpanEvent, ThreadStack, EXIT_KIND_SHIFT,
-    MAX_DEPTH,
+    counter, end_reason, event_kind, span_flags, Frame, SpanEvent, ThreadStack, ENTRY_FLAGS_SHIFT,
+    EXIT_KIND_SHIFT, MAX_DEPTH,
 };
 
 #[map]
@@ -63,9 +63,11 @@ static FORK_CHILD_PID_OFFSET: Global<u32> = Global::new(44);
 
 #[uprobe]
 pub fn omegi_entry(ctx: ProbeContext) -> u32 {
-    let fn_id = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let fn_id = cookie as u32;
+    let fn_flags = (cookie >> ENTRY_FLAGS_SHIFT) as u32 & span_flags::OPEN_EXITS;
     let sp = unsafe { (*ctx.regs).rsp };
-    on_entry(&ctx, fn_id, sp);
+    on_entry(&ctx, fn_id, fn_flags, sp);
     0
 }
 
@@ -125,7 +127,7 @@ fn is_traced(tgid: u32) -> bool {
 }
 
 #[inline(always)]
-fn on_entry<C: EbpfContext>(ctx: &C, fn_id: u32, sp: u64) {
+fn on_entry<C: EbpfContext>(ctx: &C, fn_id: u32, fn_flags: u32, sp: u64) {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     if !is_traced(tgid) {
@@ -161,7 +163,7 @@ fn on_entry<C: EbpfContext>(ctx: &C, fn_id: u32, sp: u64) {
     };
     stack.frames[slot(depth)] = Frame {
         fn_id,
-        flags,
+        flags: flags | fn_flags,
         sp,
         start_ns: now,
         span_id,
@@ -203,7 +205,11 @@ fn on_exit<C: EbpfContext>(ctx: &C, sp: u64, reason: u32) {
 }
 
 /// Closes, innermost first, the frames whose stack pointer is at or below
-/// `sp`: reason `REPLACED` for one exactly at `sp`, `reason` for the others.
+/// `sp`: reason `REPLACED` for one exactly at `sp` whose function has
+/// `OPEN_EXITS` (a jump we could not see took it over), `reason` for the
+/// others. A frame exactly at `sp` whose every exit is probed did not jump
+/// away: it was unwound (an exception caught by its caller, which then made
+/// the call at `sp`).
 #[inline(always)]
 fn close_frames_above(
     stack: &mut ThreadStack,
@@ -222,7 +228,7 @@ fn close_frames_above(
         if frame.sp > sp {
             break;
         }
-        let why = if frame.sp == sp {
+        let why = if frame.sp == sp && frame.flags & span_flags::OPEN_EXITS != 0 {
             end_reason::REPLACED
         } else {
             reason

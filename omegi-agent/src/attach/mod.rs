@@ -18,9 +18,11 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use omegi_common::{end_reason, globals, names, ThreadStack, EXIT_KIND_SHIFT};
+use omegi_common::{
+    end_reason, globals, names, span_flags, ThreadStack, ENTRY_FLAGS_SHIFT, EXIT_KIND_SHIFT,
+};
 
-use crate::discovery::{ExitKind, FunctionTable};
+use crate::discovery::{ExitKind, Function, FunctionTable};
 
 /// The eBPF object built by `build.rs` from `omegi-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/omegi.bpf.o"));
@@ -230,7 +232,7 @@ impl Probes {
             let Some(site) = &function.code.entry else {
                 continue;
             };
-            match attach_one(entry, site.file_offset, u64::from(function.id), target) {
+            match attach_one(entry, site.file_offset, entry_cookie(function), target) {
                 Ok(()) => {
                     attached[function.id as usize] = true;
                     report.entry_probes += 1;
@@ -304,6 +306,18 @@ impl Probes {
     pub fn detach(&mut self) {
         self.ebpf.take();
     }
+}
+
+/// The entry probe's cookie: the function id, and whether the function can
+/// leave by a jump no probe sees (then a call starting in its frame replaced
+/// it; otherwise the frame was unwound).
+fn entry_cookie(function: &Function) -> u64 {
+    let flags = if function.code.exits_complete() {
+        0
+    } else {
+        span_flags::OPEN_EXITS
+    };
+    (u64::from(flags) << ENTRY_FLAGS_SHIFT) | u64::from(function.id)
 }
 
 fn attach_one(
