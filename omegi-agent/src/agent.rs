@@ -4,6 +4,7 @@
 
 use std::{
     fmt::Write as _,
+    os::fd::AsRawFd,
     path::PathBuf,
     sync::{atomic::Ordering, Arc},
 };
@@ -33,10 +34,21 @@ pub enum Outcome {
 /// Runs the agent to the end. Must be called before any other thread starts
 /// (a command is forked from here).
 pub fn run(config: Config) -> anyhow::Result<Outcome> {
+    // With --pid, probes go on the executable through a descriptor of our
+    // own: `/proc/PID/exe` stops resolving the moment the process exits,
+    // which may happen while probes are being attached (then the exit is
+    // reported once, not as a failure per probe).
+    let mut _exe_held_open = None;
     let (binary, attach_path) = match &config.target {
         Target::Pid(pid) => {
             let exe = process::executable_of(*pid)?;
-            (exe.clone(), exe)
+            let file = std::fs::File::open(&exe).map_err(|error| ProcessError::NoExecutable {
+                pid: *pid,
+                reason: error.to_string(),
+            })?;
+            let held = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+            _exe_held_open = Some(file);
+            (exe, held)
         }
         Target::Binary(path) => {
             if !path.exists() {
