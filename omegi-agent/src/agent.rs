@@ -195,6 +195,7 @@ async fn trace(
             }
         }
         _ => {
+            probes.trace_all_processes()?;
             tokio::select! {
                 _ = interrupt.recv() => Ending::Interrupted,
                 _ = terminate.recv() => Ending::Interrupted,
@@ -202,8 +203,10 @@ async fn trace(
         }
     };
 
-    // Shutdown: no new events once detached, then drain, then what is still
-    // running, then let the exporters write out everything they hold.
+    // Shutdown: stop recording at once (removing probes one by one would
+    // leave calls half seen), detach, drain, then what is still running,
+    // then let the exporters write out everything they hold.
+    probes.stop_tracing();
     probes.detach();
     let (maps, mut assembler) = reader.stop();
     let in_flight = events::calls_in_flight(&maps);

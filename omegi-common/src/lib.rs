@@ -18,6 +18,12 @@ pub const EXIT_KIND_SHIFT: u64 = 32;
 /// [`span_flags::OPEN_EXITS`]).
 pub const ENTRY_FLAGS_SHIFT: u64 = 32;
 
+/// The `TGIDS` key that turns tracing on for every process when
+/// `ALL_PROCESSES` is set (no process has pid 0). The agent stops tracing at
+/// once, for every probe, by emptying `TGIDS` before it detaches them one by
+/// one; otherwise the calls made while probes go would be half seen.
+pub const ALL_PROCESSES_KEY: u32 = 0;
+
 /// Kinds of records in the events ring buffer. Every record starts with a
 /// `u32` holding one of these.
 pub mod event_kind {
@@ -135,7 +141,8 @@ pub mod globals {
     /// `u64`: a call made by a traced function that has been running for
     /// longer than this many ns starts a trace of its own. 0 turns it off.
     pub const SPLIT_AFTER_NS: &str = "SPLIT_AFTER_NS";
-    /// `u8`: 1 traces every process that runs the probed code (`--binary`),
+    /// `u8`: 1 traces every process that runs the probed code (`--binary`)
+    /// while the `TGIDS` map holds [`ALL_PROCESSES_KEY`](super::ALL_PROCESSES_KEY),
     /// 0 only the processes in the `TGIDS` map.
     pub const ALL_PROCESSES: &str = "ALL_PROCESSES";
     /// `u32`: byte offset of `child_pid` in the `sched_process_fork`

@@ -29,8 +29,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use omegi_common::{
-    counter, end_reason, event_kind, span_flags, Frame, SpanEvent, ThreadStack, ENTRY_FLAGS_SHIFT,
-    EXIT_KIND_SHIFT, MAX_DEPTH,
+    counter, end_reason, event_kind, span_flags, Frame, SpanEvent, ThreadStack, ALL_PROCESSES_KEY,
+    ENTRY_FLAGS_SHIFT, EXIT_KIND_SHIFT, MAX_DEPTH,
 };
 
 #[map]
@@ -39,7 +39,8 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
-/// Processes to trace (tgid → 1), unless `ALL_PROCESSES` is set.
+/// Processes to trace (tgid → 1); with `ALL_PROCESSES`, every process while
+/// it holds `ALL_PROCESSES_KEY`. Emptied by the agent to stop tracing.
 #[map]
 static TGIDS: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0);
 
@@ -123,7 +124,12 @@ pub fn omegi_task_exit(_ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn is_traced(tgid: u32) -> bool {
-    ALL_PROCESSES.load() != 0 || unsafe { TGIDS.get(&tgid) }.is_some()
+    let key = if ALL_PROCESSES.load() != 0 {
+        ALL_PROCESSES_KEY
+    } else {
+        tgid
+    };
+    unsafe { TGIDS.get(&key) }.is_some()
 }
 
 #[inline(always)]

@@ -19,7 +19,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use omegi_common::{
-    end_reason, globals, names, span_flags, ThreadStack, ENTRY_FLAGS_SHIFT, EXIT_KIND_SHIFT,
+    end_reason, globals, names, span_flags, ThreadStack, ALL_PROCESSES_KEY, ENTRY_FLAGS_SHIFT,
+    EXIT_KIND_SHIFT,
 };
 
 use crate::discovery::{ExitKind, Function, FunctionTable};
@@ -300,6 +301,24 @@ impl Probes {
                 name: names::MAP_TGIDS,
                 source,
             })
+    }
+
+    /// Starts tracing every process that runs the probed binary (`--binary`).
+    pub fn trace_all_processes(&mut self) -> Result<(), AttachError> {
+        self.trace_process(ALL_PROCESSES_KEY)
+    }
+
+    /// Stops tracing at once: every probe still fires until [`detach`]
+    /// removes it, one by one, but none records anything any more. Calls in
+    /// flight stay on the threads' stacks, to be reported as unfinished,
+    /// rather than losing the children they make while probes are removed.
+    ///
+    /// [`detach`]: Probes::detach
+    pub fn stop_tracing(&mut self) {
+        let keys: Vec<u32> = self.tgids.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            let _ = self.tgids.remove(&key);
+        }
     }
 
     /// Removes every probe and tracepoint. Maps stay readable.
