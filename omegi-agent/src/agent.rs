@@ -4,6 +4,7 @@
 
 use std::{
     fmt::Write as _,
+    io::Write as _,
     os::fd::AsRawFd,
     path::PathBuf,
     sync::{atomic::Ordering, Arc},
@@ -73,8 +74,18 @@ pub fn run(config: Config) -> anyhow::Result<Outcome> {
     }
     if config.list_only {
         let mechanism = ReturnMechanism::choose(config.return_probes, &table)?;
-        print!("{}", describe_table(&table, mechanism));
-        return Ok(Outcome::Exit(0));
+        let listing = describe_table(&table, mechanism);
+        let mut stdout = std::io::stdout().lock();
+        match stdout
+            .write_all(listing.as_bytes())
+            .and_then(|()| stdout.flush())
+        {
+            // `omegi-agent --list … | head`: the reader has seen enough.
+            Err(error) if error.kind() != std::io::ErrorKind::BrokenPipe => {
+                return Err(anyhow::Error::new(error).context("writing the list to stdout"));
+            }
+            _ => return Ok(Outcome::Exit(0)),
+        }
     }
     if table.functions.is_empty() {
         bail!(

@@ -658,6 +658,26 @@ fn list_shows_what_would_be_traced_and_what_was_skipped() {
     assert!(skip_line(&filtered).contains(&(4, "left out by --include/--exclude".into())));
 }
 
+/// `omegi-agent --list … | head`: the reader closing the pipe early ends the
+/// listing quietly, with no panic.
+#[test]
+fn list_into_a_closed_pipe_ends_quietly() {
+    let exe = fixtures::build("rust/panics.rs", Linking::Pie);
+    let mut child = agent_command(&["--project-root", "/", "--list", "--binary"])
+        .arg(&exe)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Close the reading end before the agent has written anything.
+    drop(child.stdout.take());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(0), "{stderr}");
+    assert_eq!(stderr, "");
+}
+
 /// `--list` attaches nothing, so it needs no privileges.
 #[test]
 fn list_works_unprivileged() {
