@@ -4,6 +4,8 @@
 
 use std::{
     fmt::Write as _,
+    io::Write as _,
+    os::fd::AsRawFd,
     path::PathBuf,
     sync::{atomic::Ordering, Arc},
 };
@@ -33,10 +35,21 @@ pub enum Outcome {
 /// Runs the agent to the end. Must be called before any other thread starts
 /// (a command is forked from here).
 pub fn run(config: Config) -> anyhow::Result<Outcome> {
+    // With --pid, probes go on the executable through a descriptor of our
+    // own: `/proc/PID/exe` stops resolving the moment the process exits,
+    // which may happen while probes are being attached (then the exit is
+    // reported once, not as a failure per probe).
+    let mut _exe_held_open = None;
     let (binary, attach_path) = match &config.target {
         Target::Pid(pid) => {
             let exe = process::executable_of(*pid)?;
-            (exe.clone(), exe)
+            let file = std::fs::File::open(&exe).map_err(|error| ProcessError::NoExecutable {
+                pid: *pid,
+                reason: error.to_string(),
+            })?;
+            let held = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+            _exe_held_open = Some(file);
+            (exe, held)
         }
         Target::Binary(path) => {
             if !path.exists() {
@@ -61,8 +74,18 @@ pub fn run(config: Config) -> anyhow::Result<Outcome> {
     }
     if config.list_only {
         let mechanism = ReturnMechanism::choose(config.return_probes, &table)?;
-        print!("{}", describe_table(&table, mechanism));
-        return Ok(Outcome::Exit(0));
+        let listing = describe_table(&table, mechanism);
+        let mut stdout = std::io::stdout().lock();
+        match stdout
+            .write_all(listing.as_bytes())
+            .and_then(|()| stdout.flush())
+        {
+            // `omegi-agent --list … | head`: the reader has seen enough.
+            Err(error) if error.kind() != std::io::ErrorKind::BrokenPipe => {
+                return Err(anyhow::Error::new(error).context("writing the list to stdout"));
+            }
+            _ => return Ok(Outcome::Exit(0)),
+        }
     }
     if table.functions.is_empty() {
         bail!(
@@ -195,6 +218,7 @@ async fn trace(
             }
         }
         _ => {
+            probes.trace_all_processes()?;
             tokio::select! {
                 _ = interrupt.recv() => Ending::Interrupted,
                 _ = terminate.recv() => Ending::Interrupted,
@@ -202,8 +226,10 @@ async fn trace(
         }
     };
 
-    // Shutdown: no new events once detached, then drain, then what is still
-    // running, then let the exporters write out everything they hold.
+    // Shutdown: stop recording at once (removing probes one by one would
+    // leave calls half seen), detach, drain, then what is still running,
+    // then let the exporters write out everything they hold.
+    probes.stop_tracing();
     probes.detach();
     let (maps, mut assembler) = reader.stop();
     let in_flight = events::calls_in_flight(&maps);

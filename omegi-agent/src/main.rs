@@ -17,7 +17,10 @@ use tracing_subscriber::{
 };
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => return usage_error(error),
+    };
     init_logging(cli.quiet, cli.verbose);
     let config = match Config::from_cli(cli) {
         Ok(config) => config,
@@ -28,6 +31,42 @@ fn main() -> ExitCode {
         Ok(Outcome::Signal(signal)) => end_by_signal(signal),
         Err(error) => fail(&error),
     }
+}
+
+/// A command line clap cannot parse gets the same one line as any other bad
+/// input (`--help` and `--version` print as usual), and exit status 2.
+fn usage_error(error: clap::Error) -> ExitCode {
+    use clap::error::ErrorKind;
+    if matches!(
+        error.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        error.exit();
+    }
+    eprintln!(
+        "omegi-agent: error: {} (omegi-agent --help lists the options)",
+        one_line(&error.render().to_string())
+    );
+    ExitCode::from(2)
+}
+
+/// clap's message without its `error:` prefix, usage and help hint, on one
+/// line.
+fn one_line(rendered: &str) -> String {
+    let mut out = String::new();
+    for line in rendered.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with("Usage:") || line.starts_with("For more information")
+        {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(if line.starts_with("tip:") { "; " } else { " " });
+        }
+        out.push_str(line.strip_prefix("error: ").unwrap_or(line));
+    }
+    out
 }
 
 fn fail(error: &anyhow::Error) -> ExitCode {

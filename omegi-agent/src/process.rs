@@ -22,6 +22,10 @@ pub enum ProcessError {
     NoSuchProcess(u32),
     #[error("process {pid} has no executable to trace ({reason})")]
     NoExecutable { pid: u32, reason: String },
+    #[error("process {0} has exited (its parent has not reaped it yet): nothing to trace")]
+    Exited(u32),
+    #[error("process {0} is a kernel thread: it runs no program to trace")]
+    KernelThread(u32),
     #[error("process {0} exited while omegi was attaching")]
     ExitedDuringAttach(u32),
     #[error("command not found: {0}")]
@@ -42,17 +46,55 @@ pub fn executable_of(pid: u32) -> Result<PathBuf, ProcessError> {
     let exe = proc_dir.join("exe");
     match std::fs::read_link(&exe) {
         Ok(_) => Ok(exe),
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            Err(ProcessError::NoExecutable {
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Err(match read_stat(pid) {
+            Some(stat) if stat.has_exited() => ProcessError::Exited(pid),
+            Some(stat) if stat.is_kernel_thread() => ProcessError::KernelThread(pid),
+            _ => ProcessError::NoExecutable {
                 pid,
-                reason: "a kernel thread, or it is exiting".into(),
-            })
-        }
+                reason: "it is exiting".into(),
+            },
+        }),
         Err(error) => Err(ProcessError::NoExecutable {
             pid,
             reason: error.to_string(),
         }),
     }
+}
+
+/// What `/proc/PID/stat` says about a process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stat {
+    /// `R`, `S`, `D`, `Z` (exited, not reaped), `X` (dead), …
+    state: char,
+    /// `PF_*` flags.
+    flags: u64,
+}
+
+impl Stat {
+    /// `PF_KTHREAD` from `linux/sched.h`.
+    const PF_KTHREAD: u64 = 0x0020_0000;
+
+    /// Parses `pid (comm) state ppid pgrp session tty tpgid flags …`; the
+    /// command name may hold spaces and parentheses, so fields are counted
+    /// from the last `)`.
+    fn parse(text: &str) -> Option<Self> {
+        let mut fields = text.get(text.rfind(')')? + 1..)?.split_whitespace();
+        let state = fields.next()?.chars().next()?;
+        let flags = fields.nth(5)?.parse().ok()?;
+        Some(Self { state, flags })
+    }
+
+    fn has_exited(self) -> bool {
+        matches!(self.state, 'Z' | 'X')
+    }
+
+    fn is_kernel_thread(self) -> bool {
+        self.flags & Self::PF_KTHREAD != 0
+    }
+}
+
+fn read_stat(pid: u32) -> Option<Stat> {
+    Stat::parse(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
 /// Where `program` is, searched in `PATH` as a shell would.
@@ -69,9 +111,10 @@ pub fn resolve_command(program: &OsString) -> Result<PathBuf, ProcessError> {
     which::which(program).map_err(|_| ProcessError::CommandNotFound(shown))
 }
 
-/// Whether the process exists.
+/// Whether the process exists and has not exited: a zombie (exited, not yet
+/// reaped by its parent) still has a pid but runs nothing.
 pub fn is_alive(pid: u32) -> bool {
-    nix::sys::signal::kill(Pid::from_raw(pid as i32), None).is_ok()
+    read_stat(pid).is_some_and(|stat| !stat.has_exited())
 }
 
 /// A forked child that waits, before `exec`, until tracing is in place.
@@ -221,4 +264,29 @@ pub async fn wait_exit(pid: u32) -> std::io::Result<()> {
         unsafe { tokio::io::unix::AsyncFd::register(pidfd) }.map_err(|e| e.into_parts().1)?;
     let _ready = pidfd.readable().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_is_read_from_after_the_command_name() {
+        let stat = Stat::parse("42 (a) b (c)) S 1 42 42 0 -1 4194560 120 0 0 0").unwrap();
+        assert_eq!(stat.state, 'S');
+        assert_eq!(stat.flags, 4194560);
+        assert!(!stat.has_exited() && !stat.is_kernel_thread());
+        let kthread = Stat::parse("2 (kthreadd) S 0 0 0 0 -1 2129984 0 0").unwrap();
+        assert!(kthread.is_kernel_thread());
+        assert!(Stat::parse("7 (x) Z 1 7 7 0 -1 4227084 0")
+            .unwrap()
+            .has_exited());
+        assert_eq!(Stat::parse("7 (x"), None);
+    }
+
+    #[test]
+    fn this_process_is_alive() {
+        assert!(is_alive(std::process::id()));
+        assert!(read_stat(std::process::id()).is_some());
+    }
 }

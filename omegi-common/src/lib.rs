@@ -13,6 +13,17 @@ pub const MAX_DEPTH: usize = 64;
 /// An exit probe's cookie is `(end_reason << EXIT_KIND_SHIFT) | fn_id`.
 pub const EXIT_KIND_SHIFT: u64 = 32;
 
+/// An entry probe's cookie is `(flags << ENTRY_FLAGS_SHIFT) | fn_id`, where
+/// `flags` are [`span_flags`] the function's frames always carry (only
+/// [`span_flags::OPEN_EXITS`]).
+pub const ENTRY_FLAGS_SHIFT: u64 = 32;
+
+/// The `TGIDS` key that turns tracing on for every process when
+/// `ALL_PROCESSES` is set (no process has pid 0). The agent stops tracing at
+/// once, for every probe, by emptying `TGIDS` before it detaches them one by
+/// one; otherwise the calls made while probes go would be half seen.
+pub const ALL_PROCESSES_KEY: u32 = 0;
+
 /// Kinds of records in the events ring buffer. Every record starts with a
 /// `u32` holding one of these.
 pub mod event_kind {
@@ -31,7 +42,8 @@ pub mod end_reason {
     pub const RETURNED: u32 = 0;
     /// A probed tail jump left the function.
     pub const TAIL_CALL: u32 = 1;
-    /// Another traced function started in the same stack frame: the call was
+    /// Another traced function started in the same stack frame of a function
+    /// with [`OPEN_EXITS`](super::span_flags::OPEN_EXITS): the call was
     /// replaced by a jump we could not see (an indirect tail call).
     pub const REPLACED: u32 = 2;
     /// The stack moved above the frame without a return: unwinding (an
@@ -45,6 +57,11 @@ pub mod end_reason {
 pub mod span_flags {
     /// The span starts a trace of its own (see `SpanEvent::trace_key`).
     pub const TRACE_ROOT: u32 = 1;
+    /// The function can leave by a jump no probe sees (an indirect jump, a
+    /// conditional jump out of it). Only then can a traced call starting in
+    /// its stack frame mean it was replaced; for a function whose every exit
+    /// is probed, that frame was left by unwinding or `longjmp`.
+    pub const OPEN_EXITS: u32 = 2;
 }
 
 /// One traced call that ended, as the kernel saw it.
@@ -226,7 +243,8 @@ pub mod globals {
     /// `u64`: a call made by a traced function that has been running for
     /// longer than this many ns starts a trace of its own. 0 turns it off.
     pub const SPLIT_AFTER_NS: &str = "SPLIT_AFTER_NS";
-    /// `u8`: 1 traces every process that runs the probed code (`--binary`),
+    /// `u8`: 1 traces every process that runs the probed code (`--binary`)
+    /// while the `TGIDS` map holds [`ALL_PROCESSES_KEY`](super::ALL_PROCESSES_KEY),
     /// 0 only the processes in the `TGIDS` map.
     pub const ALL_PROCESSES: &str = "ALL_PROCESSES";
     /// `u32`: byte offset of `child_pid` in the `sched_process_fork`

@@ -32,7 +32,8 @@ use aya_ebpf::{
     EbpfContext, Global,
 };
 use omegi_common::{
-    counter, end_reason, event_kind, ThreadExitEvent, ThreadStack, EXIT_KIND_SHIFT,
+    counter, end_reason, event_kind, span_flags, ThreadExitEvent, ThreadStack, ALL_PROCESSES_KEY,
+    ENTRY_FLAGS_SHIFT, EXIT_KIND_SHIFT,
 };
 
 #[map]
@@ -41,7 +42,8 @@ static EVENTS: RingBuf = RingBuf::with_byte_size(8 << 20, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
 
-/// Processes to trace (tgid → 1), unless `ALL_PROCESSES` is set.
+/// Processes to trace (tgid → 1); with `ALL_PROCESSES`, every process while
+/// it holds `ALL_PROCESSES_KEY`. Emptied by the agent to stop tracing.
 #[map]
 static TGIDS: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0);
 
@@ -66,9 +68,11 @@ static FORK_CHILD_PID_OFFSET: Global<u32> = Global::new(44);
 
 #[uprobe]
 pub fn omegi_entry(ctx: ProbeContext) -> u32 {
-    let fn_id = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    let fn_id = cookie as u32;
+    let fn_flags = (cookie >> ENTRY_FLAGS_SHIFT) as u32 & span_flags::OPEN_EXITS;
     let regs = unsafe { &*ctx.regs };
-    stack::on_entry(&ctx, fn_id, regs.rsp, regs.rip);
+    stack::on_entry(&ctx, fn_id, fn_flags, regs.rsp, regs.rip);
     0
 }
 
@@ -137,7 +141,12 @@ pub fn omegi_task_exit(_ctx: TracePointContext) -> u32 {
 
 #[inline(always)]
 fn is_traced(tgid: u32) -> bool {
-    ALL_PROCESSES.load() != 0 || unsafe { TGIDS.get(&tgid) }.is_some()
+    let key = if ALL_PROCESSES.load() != 0 {
+        ALL_PROCESSES_KEY
+    } else {
+        tgid
+    };
+    unsafe { TGIDS.get(&key) }.is_some()
 }
 
 /// The current thread's ids, if its process is traced.

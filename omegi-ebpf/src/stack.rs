@@ -13,9 +13,10 @@ use omegi_common::{
 use crate::{count, traced_thread, EMPTY_STACK, EVENTS, SPLIT_AFTER_NS, THREADS};
 
 /// A traced function was entered: `sp` is `rsp` at its first instruction
-/// (pointing at the return address), `ip` the probe's address.
+/// (pointing at the return address), `ip` the probe's address, `fn_flags`
+/// the [`span_flags`] its frames always carry (`OPEN_EXITS`).
 #[inline(always)]
-pub fn on_entry<C: EbpfContext>(ctx: &C, fn_id: u32, sp: u64, ip: u64) {
+pub fn on_entry<C: EbpfContext>(ctx: &C, fn_id: u32, fn_flags: u32, sp: u64, ip: u64) {
     let Some((tgid, tid)) = traced_thread() else {
         return;
     };
@@ -50,7 +51,7 @@ pub fn on_entry<C: EbpfContext>(ctx: &C, fn_id: u32, sp: u64, ip: u64) {
     };
     stack.frames[slot(depth)] = Frame {
         fn_id,
-        flags,
+        flags: flags | fn_flags,
         sp,
         start_ns: now,
         span_id,
@@ -97,8 +98,11 @@ pub fn on_exit(sp: u64, reason: u32, ret: u64) {
 }
 
 /// Closes, innermost first, the frames whose stack pointer is at or below
-/// `sp`: one exactly at `sp` was replaced by a jump (`REPLACED`) unless the
-/// thread is unwinding, the others get `reason`.
+/// `sp`, with `reason` — except that a frame exactly at `sp` whose function
+/// has `OPEN_EXITS` (it can leave by a jump no probe sees) was replaced by
+/// that jump (`REPLACED`), unless the thread is unwinding. A frame at `sp`
+/// whose every exit is probed did not jump away: it was unwound (an
+/// exception caught by its caller, which then made the call at `sp`).
 #[inline(always)]
 pub fn close_frames_above(stack: &mut ThreadStack, sp: u64, now: u64, tid: u32, reason: u32) {
     for _ in 0..MAX_DEPTH {
@@ -110,7 +114,11 @@ pub fn close_frames_above(stack: &mut ThreadStack, sp: u64, now: u64, tid: u32, 
         if frame.sp > sp {
             break;
         }
-        let why = if frame.sp == sp && stack.unwinding == 0 && reason == end_reason::UNWOUND {
+        let why = if frame.sp == sp
+            && frame.flags & span_flags::OPEN_EXITS != 0
+            && stack.unwinding == 0
+            && reason == end_reason::UNWOUND
+        {
             end_reason::REPLACED
         } else {
             reason

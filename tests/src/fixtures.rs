@@ -120,3 +120,19 @@ fn extra_flags(source: &Path) -> Vec<String> {
         .map(|(_, flags)| flags.split_whitespace().map(str::to_owned).collect())
         .unwrap_or_default()
 }
+
+/// The line number of the one line of fixture `file` (relative to
+/// `tests/fixtures`) that contains `needle`: where a function is defined, to
+/// compare with what DWARF says.
+pub fn line_of(file: &str, needle: &str) -> u32 {
+    let text = std::fs::read_to_string(sources_dir().join(file))
+        .unwrap_or_else(|e| panic!("cannot read fixture {file}: {e}"));
+    let lines: Vec<u32> = text
+        .lines()
+        .zip(1..)
+        .filter(|(line, _)| line.contains(needle))
+        .map(|(_, number)| number)
+        .collect();
+    assert_eq!(lines.len(), 1, "{needle:?} in {file}: on lines {lines:?}");
+    lines[0]
+}

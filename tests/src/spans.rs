@@ -173,9 +173,23 @@ impl TraceView {
     /// The call tree as text: `name` or `name(child child …)`, children in
     /// the order they started.
     pub fn shape(&self) -> String {
+        self.shape_by(|span| span.name.clone())
+    }
+
+    /// As [`shape`](Self::shape), with how each call ended when it did not
+    /// return: `name[end]`, e.g. `step[tail_call]`, `validate[unwound]`.
+    pub fn shape_with_ends(&self) -> String {
+        self.shape_by(|span| match span.end().as_str() {
+            "returned" => span.name.clone(),
+            end => format!("{}[{end}]", span.name),
+        })
+    }
+
+    /// The call tree as text with `label` naming each span.
+    pub fn shape_by(&self, label: impl Fn(&SpanRecord) -> String) -> String {
         let children = self.children();
         let mut out = String::new();
-        shape_of(self.root(), &children, &mut out);
+        shape_of(self.root(), &children, &label, &mut out);
         out
     }
 
@@ -233,15 +247,20 @@ impl TraceView {
     }
 }
 
-fn shape_of(span: &SpanRecord, children: &HashMap<&str, Vec<&SpanRecord>>, out: &mut String) {
-    out.push_str(&span.name);
+fn shape_of(
+    span: &SpanRecord,
+    children: &HashMap<&str, Vec<&SpanRecord>>,
+    label: &dyn Fn(&SpanRecord) -> String,
+    out: &mut String,
+) {
+    out.push_str(&label(span));
     if let Some(list) = children.get(span.span_id.as_str()) {
         out.push('(');
         for (index, child) in list.iter().enumerate() {
             if index > 0 {
                 out.push(' ');
             }
-            shape_of(child, children, out);
+            shape_of(child, children, label, out);
         }
         out.push(')');
     }

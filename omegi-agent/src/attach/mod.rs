@@ -18,9 +18,12 @@ use aya::{
     },
     Ebpf, EbpfLoader,
 };
-use omegi_common::{end_reason, error_kind, globals, names, ThreadStack, EXIT_KIND_SHIFT};
+use omegi_common::{
+    end_reason, error_kind, globals, names, span_flags, ThreadStack, ALL_PROCESSES_KEY,
+    ENTRY_FLAGS_SHIFT, EXIT_KIND_SHIFT,
+};
 
-use crate::discovery::{ExitKind, FunctionTable, RuntimeSymbol};
+use crate::discovery::{ExitKind, Function, FunctionTable, RuntimeSymbol};
 
 /// The eBPF object built by `build.rs` from `omegi-ebpf`.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/omegi.bpf.o"));
@@ -249,7 +252,7 @@ impl Probes {
             let Some(site) = &function.code.entry else {
                 continue;
             };
-            match attach_one(entry, site.file_offset, u64::from(function.id), target) {
+            match attach_one(entry, site.file_offset, entry_cookie(function), target) {
                 Ok(()) => {
                     attached[function.id as usize] = true;
                     report.entry_probes += 1;
@@ -268,38 +271,40 @@ impl Probes {
             });
         }
 
-        match mechanism {
-            ReturnMechanism::Uretprobe => {
-                let uretprobe: &mut UProbe = program_mut(ebpf, names::PROG_URETPROBE)?;
-                for function in table.functions.iter().filter(|f| attached[f.id as usize]) {
-                    let site = function.code.entry.as_ref().expect("attached above");
-                    match attach_one(uretprobe, site.file_offset, u64::from(function.id), target) {
-                        Ok(()) => report.exit_probes += 1,
-                        Err(error) => {
-                            tracing::warn!("no return probe on {}: {error}", function.name)
-                        }
+        if mechanism == ReturnMechanism::Uretprobe {
+            let uretprobe: &mut UProbe = program_mut(ebpf, names::PROG_URETPROBE)?;
+            for function in table.functions.iter().filter(|f| attached[f.id as usize]) {
+                let site = function.code.entry.as_ref().expect("attached above");
+                match attach_one(uretprobe, site.file_offset, u64::from(function.id), target) {
+                    Ok(()) => report.exit_probes += 1,
+                    Err(error) => {
+                        tracing::warn!("no return probe on {}: {error}", function.name)
                     }
                 }
             }
-            ReturnMechanism::Sites => {
-                let exit: &mut UProbe = program_mut(ebpf, names::PROG_EXIT)?;
-                for function in table.functions.iter().filter(|f| attached[f.id as usize]) {
-                    for site in &function.code.exits {
-                        let reason = match site.kind {
-                            ExitKind::Return => end_reason::RETURNED,
-                            ExitKind::TailJump => end_reason::TAIL_CALL,
-                        };
-                        let cookie =
-                            (u64::from(reason) << EXIT_KIND_SHIFT) | u64::from(function.id);
-                        match attach_one(exit, site.site.file_offset, cookie, target) {
-                            Ok(()) => report.exit_probes += 1,
-                            Err(error) => tracing::warn!(
-                                "no exit probe at {:#x} in {}: {error}",
-                                site.site.address,
-                                function.name
-                            ),
-                        }
-                    }
+        }
+        // Exit sites: every `ret` and tail jump with return sites; only the
+        // tail jumps with uretprobes, which see returns but not a `jmp` out
+        // of the function (unprobed, a tail call would end `replaced` when a
+        // traced function it jumps to starts, or else when that one returns).
+        let exit: &mut UProbe = program_mut(ebpf, names::PROG_EXIT)?;
+        for function in table.functions.iter().filter(|f| attached[f.id as usize]) {
+            for site in &function.code.exits {
+                if mechanism == ReturnMechanism::Uretprobe && site.kind == ExitKind::Return {
+                    continue;
+                }
+                let reason = match site.kind {
+                    ExitKind::Return => end_reason::RETURNED,
+                    ExitKind::TailJump => end_reason::TAIL_CALL,
+                };
+                let cookie = (u64::from(reason) << EXIT_KIND_SHIFT) | u64::from(function.id);
+                match attach_one(exit, site.site.file_offset, cookie, target) {
+                    Ok(()) => report.exit_probes += 1,
+                    Err(error) => tracing::warn!(
+                        "no exit probe at {:#x} in {}: {error}",
+                        site.site.address,
+                        function.name
+                    ),
                 }
             }
         }
@@ -406,6 +411,24 @@ impl Probes {
             })
     }
 
+    /// Starts tracing every process that runs the probed binary (`--binary`).
+    pub fn trace_all_processes(&mut self) -> Result<(), AttachError> {
+        self.trace_process(ALL_PROCESSES_KEY)
+    }
+
+    /// Stops tracing at once: every probe still fires until [`detach`]
+    /// removes it, one by one, but none records anything any more. Calls in
+    /// flight stay on the threads' stacks, to be reported as unfinished,
+    /// rather than losing the children they make while probes are removed.
+    ///
+    /// [`detach`]: Probes::detach
+    pub fn stop_tracing(&mut self) {
+        let keys: Vec<u32> = self.tgids.keys().filter_map(Result::ok).collect();
+        for key in keys {
+            let _ = self.tgids.remove(&key);
+        }
+    }
+
     /// Removes every probe and tracepoint. Maps stay readable.
     pub fn detach(&mut self) {
         self.ebpf.take();
@@ -426,6 +449,18 @@ fn shared_library(pid: Option<u32>, prefix: &str) -> std::path::PathBuf {
         Some(std::path::PathBuf::from(format!("/proc/{pid}/root{path}")))
     });
     mapped.unwrap_or_else(|| prefix.into())
+}
+
+/// The entry probe's cookie: the function id, and whether the function can
+/// leave by a jump no probe sees (then a call starting in its frame replaced
+/// it; otherwise the frame was unwound).
+fn entry_cookie(function: &Function) -> u64 {
+    let flags = if function.code.exits_complete() {
+        0
+    } else {
+        span_flags::OPEN_EXITS
+    };
+    (u64::from(flags) << ENTRY_FLAGS_SHIFT) | u64::from(function.id)
 }
 
 fn attach_one(

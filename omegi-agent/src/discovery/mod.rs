@@ -37,7 +37,7 @@ pub enum DiscoveryError {
     },
     #[error("{0} is not an ELF executable")]
     NotElf(PathBuf),
-    #[error("{path} is a {found} ELF file; omegi traces x86-64 (64-bit) programs only")]
+    #[error("{path} is an ELF file for {found}; omegi traces x86-64 (64-bit) programs only")]
     UnsupportedArchitecture { path: PathBuf, found: String },
     #[error(
         "{0} is stripped: it has neither a symbol table nor debug info, so its functions \
