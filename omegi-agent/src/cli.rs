@@ -61,7 +61,7 @@ pub struct Cli {
     #[arg(long, env = "OMEGI_SERVICE_NAME", default_value = "test-server")]
     pub service_name: String,
 
-    /// Where spans go: a comma-separated list of console, kafka, otlp.
+    /// Where spans go: a comma-separated list of console, kafka.
     #[arg(
         long = "exporter",
         env = "OMEGI_EXPORTER_KIND",
@@ -109,6 +109,31 @@ pub struct Cli {
     /// How often the ring buffer is drained.
     #[arg(long, default_value = "10ms", value_name = "DURATION", hide = true)]
     pub drain_interval: String,
+
+    /// At shutdown, exporters deliver what they hold for at most this long;
+    /// what is left is counted as dropped.
+    #[arg(
+        long,
+        env = "OMEGI_FLUSH_TIMEOUT",
+        default_value = "10s",
+        value_name = "DURATION"
+    )]
+    pub flush_timeout: String,
+
+    /// Print a one-line stats report on stderr every INTERVAL (10s when
+    /// given alone).
+    #[arg(
+        long,
+        env = "OMEGI_STATS",
+        value_name = "INTERVAL",
+        num_args = 0..=1,
+        default_missing_value = "10s",
+        require_equals = true
+    )]
+    pub stats: Option<String>,
+
+    #[command(flatten)]
+    pub kafka: crate::export::kafka::options::KafkaArgs,
 
     /// Show the eBPF programs' own diagnostics.
     #[arg(long)]

@@ -8,6 +8,7 @@ use crate::{
     attach::{KernelOptions, ReturnProbes},
     cli::{Cli, ConsoleFormat},
     discovery::Selection,
+    export::kafka::options::KafkaOptions,
 };
 
 /// A value that cannot be used.
@@ -35,10 +36,14 @@ pub enum Target {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ExporterKind {
     Console,
+    Kafka,
 }
 
 impl ExporterKind {
-    pub const ALL: &'static [(&'static str, ExporterKind)] = &[("console", ExporterKind::Console)];
+    pub const ALL: &'static [(&'static str, ExporterKind)] = &[
+        ("console", ExporterKind::Console),
+        ("kafka", ExporterKind::Kafka),
+    ];
 
     pub fn name(self) -> &'static str {
         Self::ALL
@@ -72,6 +77,11 @@ pub struct Config {
     pub max_trace_spans: usize,
     pub queue_size: usize,
     pub drain_interval: Duration,
+    pub kafka: KafkaOptions,
+    /// How long exporters may take to deliver what they hold at shutdown.
+    pub flush_timeout: Duration,
+    /// Print a stats line on stderr this often.
+    pub stats_interval: Option<Duration>,
 }
 
 impl Config {
@@ -109,6 +119,16 @@ impl Config {
             max_trace_spans: positive("--max-trace-spans", cli.max_trace_spans)?,
             queue_size: positive("--queue-size", cli.queue_size)?,
             drain_interval: parse_duration("--drain-interval", &cli.drain_interval)?,
+            kafka: KafkaOptions::from_args(&cli.kafka, std::env::vars())?,
+            flush_timeout: parse_duration(
+                "OMEGI_FLUSH_TIMEOUT (--flush-timeout)",
+                &cli.flush_timeout,
+            )?,
+            stats_interval: match &cli.stats {
+                Some(value) => Some(parse_duration("OMEGI_STATS (--stats)", value)?)
+                    .filter(|interval| !interval.is_zero()),
+                None => None,
+            },
         })
     }
 }
@@ -190,7 +210,7 @@ pub fn parse_flow_rate(value: &str) -> Result<u32, ConfigError> {
     }
 }
 
-fn parse_duration(name: &'static str, value: &str) -> Result<Duration, ConfigError> {
+pub(crate) fn parse_duration(name: &'static str, value: &str) -> Result<Duration, ConfigError> {
     if value.trim() == "0" {
         return Ok(Duration::ZERO);
     }

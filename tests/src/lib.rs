@@ -7,8 +7,10 @@
 //! - [`run`]: runs a fixture with and without the agent and reads back the
 //!   spans it exported (`--format json`).
 //! - [`spans`]: exported spans and the call trees they form.
+//! - [`kafka`]: a tansu Kafka broker on loopback, and reading topics back.
 
 pub mod fixtures;
+pub mod kafka;
 pub mod run;
 pub mod spans;
 

@@ -7,6 +7,7 @@
 
 pub mod console;
 pub mod json;
+pub mod kafka;
 
 use std::{
     path::PathBuf,
@@ -46,6 +47,9 @@ pub struct ExporterStats {
     /// Spans that could not be delivered (an I/O or delivery error, after
     /// retries, or still undelivered at the shutdown deadline).
     pub failed_spans: AtomicU64,
+    /// Spans this exporter leaves out by design, not lost: e.g. traces
+    /// sampled out of Kafka's flow topic.
+    pub skipped_spans: AtomicU64,
 }
 
 impl ExporterStats {
@@ -85,7 +89,6 @@ impl Dispatcher {
 /// clients.
 enum Worker {
     Thread(std::thread::JoinHandle<()>),
-    #[allow(dead_code)] // until the first network exporter
     Task(tokio::task::JoinHandle<()>),
 }
 
@@ -115,6 +118,15 @@ impl Exporters {
                             .name("omegi-console".into())
                             .spawn(move || exporter.run(receiver, &worker_stats))?,
                     ));
+                }
+                ExporterKind::Kafka => {
+                    let exporter = kafka::KafkaExporter::new(
+                        &config.kafka,
+                        Arc::clone(&context),
+                        Arc::clone(&exporter_stats),
+                        config.flush_timeout,
+                    )?;
+                    workers.push(Worker::Task(tokio::spawn(exporter.run(receiver))));
                 }
             }
             queues.push((sender, Arc::clone(&exporter_stats)));
