@@ -79,6 +79,10 @@ const ATTEMPT_TIMEOUT_MS: &str = "30000";
 /// How long a new trace waits for the first topic check before its first
 /// attempt (so that the first traces do not race topic creation).
 const FIRST_CHECK_WAIT: Duration = Duration::from_secs(10);
+/// Topics are checked this often when nothing asks for it.
+const TOPIC_RECHECK_EVERY: Duration = Duration::from_secs(10);
+/// Longest wait between two topic checks that could not settle.
+const MAX_CHECK_BACKOFF: Duration = Duration::from_secs(5);
 /// Timeout of one metadata or admin request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// Traces whose earlier piece held an error, remembered so that their later
@@ -90,6 +94,9 @@ const ERROR_MEMORY: usize = 10_000;
 struct Health {
     servers: String,
     unreachable: AtomicBool,
+    /// Asks the topic checker to look again: a broker that was lost may
+    /// come back without its topics (or a delivery failed).
+    recheck: Notify,
 }
 
 impl Health {
@@ -99,6 +106,7 @@ impl Health {
                 "kafka: cannot reach {} ({why}): traces are kept and retried",
                 self.servers
             );
+            self.recheck.notify_one();
         }
     }
 
@@ -152,8 +160,6 @@ struct Shared {
     stats: Arc<ExporterStats>,
     /// Set once the first topic check has ended, either way.
     first_check: watch::Receiver<bool>,
-    /// Asks the topic checker to look again.
-    recheck: Notify,
 }
 
 /// The Kafka exporter.
@@ -181,7 +187,7 @@ impl KafkaExporter {
     ) -> anyhow::Result<Self> {
         let health = Arc::new(Health {
             servers: options.bootstrap_servers(),
-            unreachable: AtomicBool::new(false),
+            ..Health::default()
         });
         let config = client_config(options);
         let producer: FutureProducer<Context> = config
@@ -211,7 +217,6 @@ impl KafkaExporter {
                 health,
                 stats,
                 first_check: first_check_seen,
-                recheck: Notify::new(),
             }),
             admin: Some(admin),
             context,
@@ -472,7 +477,7 @@ async fn deliver(
             );
             return; // counted as failed on drop
         }
-        shared.recheck.notify_one();
+        shared.health.recheck.notify_one();
         outcome.retrying();
         if arrived.elapsed() + backoff > shared.options.retry_timeout {
             tracing::debug!(
@@ -541,12 +546,15 @@ async fn check_topics_forever(
         first_check.send_replace(true);
         if settled {
             backoff = FIRST_BACKOFF;
-            shared.recheck.notified().await;
+            // Also now and then: a broker may lose its topics without
+            // omegi seeing an error first.
+            let _ =
+                tokio::time::timeout(TOPIC_RECHECK_EVERY, shared.health.recheck.notified()).await;
             // Failures come in bursts: one check for the burst.
             tokio::time::sleep(Duration::from_millis(500)).await;
         } else {
             tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            backoff = (backoff * 2).min(MAX_CHECK_BACKOFF);
         }
     }
 }
