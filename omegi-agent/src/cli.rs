@@ -28,6 +28,8 @@ pub struct Cli {
     pub pid: Option<String>,
 
     /// Trace every process that runs the executable PATH, now and later.
+    /// Also OMEGI_BINARY (for a DaemonSet configured by variables only),
+    /// used when no target is given on the command line.
     #[arg(short, long, value_name = "PATH")]
     pub binary: Option<PathBuf>,
 
@@ -146,6 +148,35 @@ pub struct Cli {
     /// More detail on stderr (repeat for more).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
+}
+
+/// The variable that names a binary to trace when the command line names
+/// no target.
+pub const BINARY_VARIABLE: &str = "OMEGI_BINARY";
+
+/// `OMEGI_BINARY`, when set and not empty.
+pub fn binary_from_env() -> Option<PathBuf> {
+    std::env::var_os(BINARY_VARIABLE)
+        .filter(|value| !value.is_empty())
+        .map(PathBuf::from)
+}
+
+impl Cli {
+    /// Parses the command line; a target (`--pid`, `--binary`, `-- CMD`) is
+    /// required unless `OMEGI_BINARY` names one. A target on the command
+    /// line wins over `OMEGI_BINARY`.
+    pub fn parse_args() -> Self {
+        use clap::{CommandFactory, FromArgMatches};
+        let required = binary_from_env().is_none();
+        let mut matches = Self::command()
+            .mut_group("target", |group| group.required(required))
+            .get_matches();
+        let mut cli = Self::from_arg_matches_mut(&mut matches).unwrap_or_else(|error| error.exit());
+        if cli.pid.is_none() && cli.binary.is_none() && cli.command.is_empty() {
+            cli.binary = binary_from_env();
+        }
+        cli
+    }
 }
 
 /// Format of the console exporter.

@@ -3,7 +3,6 @@
 
 use std::{fmt, process::ExitCode};
 
-use clap::Parser;
 use omegi_agent::{
     agent::{self, Outcome},
     cli::Cli,
@@ -17,7 +16,7 @@ use tracing_subscriber::{
 };
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_args();
     init_logging(cli.quiet, cli.verbose);
     let config = match Config::from_cli(cli) {
         Ok(config) => config,

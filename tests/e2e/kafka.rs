@@ -586,6 +586,19 @@ fn flags_win_over_variables() {
     let (status, stdout, stderr) = run::run_to_end(command);
     assert!(status.success(), "{stderr}");
     assert!(stdout.contains("handle_request"), "{stdout}");
+
+    // OMEGI_BINARY names the target when the command line does not (a
+    // DaemonSet configured by variables only).
+    let mut command = Command::new(AGENT);
+    command
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("OMEGI_BINARY", &exe)
+        .env("OMEGI_PROJECT_ROOT", fixtures::sources_dir())
+        .arg("--list");
+    let (status, stdout, stderr) = run::run_to_end(command);
+    assert!(status.success(), "{stderr}");
+    assert!(stdout.contains("handle_request"), "{stdout}");
 }
 
 // ---------------------------------------------------------------------------
