@@ -145,6 +145,35 @@ impl Running {
         }
     }
 
+    /// Waits until `needle` has appeared on `count` lines of stderr.
+    fn wait_for_line(&mut self, what: &str, needle: &str, count: usize) {
+        let deadline = Instant::now() + EVENT_TIMEOUT;
+        loop {
+            let seen = self
+                .stderr
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|line| line.contains(needle))
+                .count();
+            if seen >= count {
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "the agent ended ({status}) before {what}:\n{}",
+                    self.stderr_text()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}:\n{}",
+                self.stderr_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Waits for the end; (status, stdout, stderr).
     fn finish(mut self) -> (ExitStatus, String, String) {
         let status = run::wait_with_timeout(&mut self.child, EVENT_TIMEOUT)
@@ -432,8 +461,10 @@ fn broker_lost_mid_run_counts_add_up() {
     broker.restart();
     // The topics went with the broker's memory: omegi creates them again and
     // delivers.
-    running.wait_for("delivery after the broker came back", |s| {
-        s.exported > during.exported
+    running.wait_for_line("the topics created again", "kafka: created topic(s)", 2);
+    let recreated = running.wait_for("stats after the topics came back", |_| true);
+    running.wait_for("delivery after the topics came back", |s| {
+        s.exported > recreated.exported.max(during.exported)
     });
     let (stats, stderr) = stop_endless(running, &stop_file);
     assert_eq!(
@@ -473,6 +504,29 @@ fn broker_never_up_flush_deadline_counts_what_was_not_delivered() {
         stderr.contains(&format!("cannot reach {server}")),
         "{stderr}"
     );
+}
+
+#[test]
+fn a_flood_with_no_broker_is_dropped_and_counted_and_shutdown_ends() {
+    // More traces than the exporter keeps in flight (16384 at most) and its
+    // queue holds: the rest is dropped as "queue full", the program is not
+    // slowed into failure, and shutdown ends at the flush deadline even
+    // though the exporter was waiting for room.
+    let server = format!("127.0.0.1:{}", kafka::free_port());
+    let requests = 100_000u64;
+    let mut command = agent_command(&server, 1, None, &["--flush-timeout", "2s"]);
+    command.arg("--").arg(fixture()).arg(requests.to_string());
+    let (status, stdout, stderr) = Running::start(command).finish();
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stdout.starts_with(&format!("handled {requests} requests")),
+        "{stdout}"
+    );
+    let stats = Running::last_stats_of(&stderr);
+    assert_eq!(stats.spans, requests * SPANS_PER_REQUEST);
+    assert_eq!(stats.exported, 0);
+    assert_eq!(stats.queue_full + stats.failed, stats.spans, "{stderr}");
+    assert!(stats.queue_full > 0, "{stderr}");
 }
 
 #[test]

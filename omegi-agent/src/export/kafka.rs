@@ -13,11 +13,13 @@
 //!   ([`FIRST_BACKOFF`], doubling up to [`MAX_BACKOFF`]) until
 //!   `--kafka-retry-timeout` (default 5 min) has passed since it arrived;
 //!   then it is dropped and counted as failed;
-//! - at most [`IN_FLIGHT_KIB`] of messages are being delivered or waiting
-//!   for a retry; past that the exporter stops taking traces from its queue,
-//!   which then fills and drops;
-//! - at shutdown, delivery goes on until `--flush-timeout`; what is left then
-//!   is counted as failed.
+//! - at most [`IN_FLIGHT_KIB`] of messages (a trace counts 4 KiB at least,
+//!   so at most 16,384 traces) are being delivered or waiting for a retry;
+//!   past that the exporter stops taking traces from its queue, which then
+//!   fills and drops;
+//! - at shutdown, delivery goes on until `--flush-timeout` after the queue
+//!   closed; what is left then (in flight or still queued) is counted as
+//!   failed.
 //!
 //! A trace counts once: all its spans are *delivered* when every message it
 //! needs is acknowledged by the broker, *failed* when it is given up,
@@ -121,6 +123,18 @@ impl Health {
 /// outages as one warning each (not one per reconnection attempt).
 struct Context {
     health: Arc<Health>,
+    /// The last other error reported, so that one repeated on every
+    /// reconnection is said once.
+    last_error: std::sync::Mutex<String>,
+}
+
+impl Context {
+    fn new(health: &Arc<Health>) -> Self {
+        Self {
+            health: Arc::clone(health),
+            last_error: std::sync::Mutex::new(String::new()),
+        }
+    }
 }
 
 impl ClientContext for Context {
@@ -140,7 +154,14 @@ impl ClientContext for Context {
                 | RDKafkaErrorCode::BrokerTransportFailure
                 | RDKafkaErrorCode::Resolve,
             ) => self.health.lost(reason),
-            _ => tracing::warn!("kafka: {error}: {reason}"),
+            _ => {
+                let text = format!("kafka: {error}: {reason}");
+                let mut last = self.last_error.lock().unwrap_or_else(|p| p.into_inner());
+                if *last != text {
+                    tracing::warn!("{text}");
+                    *last = text;
+                }
+            }
         }
     }
 }
@@ -190,15 +211,12 @@ impl KafkaExporter {
             ..Health::default()
         });
         let config = client_config(options);
-        let producer: FutureProducer<Context> = config
-            .create_with_context(Context {
-                health: Arc::clone(&health),
-            })
-            .map_err(|e| anyhow::anyhow!("kafka: cannot set up the client: {e}"))?;
+        let producer: FutureProducer<Context> =
+            config
+                .create_with_context(Context::new(&health))
+                .map_err(|e| anyhow::anyhow!("kafka: cannot set up the client: {e}"))?;
         let admin: AdminClient<Context> = config
-            .create_with_context(Context {
-                health: Arc::clone(&health),
-            })
+            .create_with_context(Context::new(&health))
             .map_err(|e| anyhow::anyhow!("kafka: cannot set up the admin client: {e}"))?;
         let max_message_bytes = options
             .client_property("message.max.bytes")
@@ -241,6 +259,8 @@ impl KafkaExporter {
         ));
         let budget = Arc::new(Semaphore::new(IN_FLIGHT_KIB as usize));
         let mut tasks = JoinSet::new();
+        // When the queue was first seen closed (shutdown began).
+        let mut closed_at: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
@@ -254,21 +274,47 @@ impl KafkaExporter {
                     }
                     let bytes: usize = messages.iter().map(|m| m.payload.len()).sum();
                     let cost = ((bytes / 1024) as u32).clamp(4, IN_FLIGHT_KIB);
-                    // Waits while too much is in flight: the queue in front
-                    // fills and drops instead.
-                    let permit = Arc::clone(&budget)
-                        .acquire_many_owned(cost)
-                        .await
-                        .expect("the semaphore is never closed");
+                    // Waits while too much is in flight (the queue in front
+                    // fills and drops instead), but not past the flush
+                    // deadline once shutdown has begun.
+                    let permit = loop {
+                        tokio::select! {
+                            permit = Arc::clone(&budget).acquire_many_owned(cost) => {
+                                break Some(permit.expect("the semaphore is never closed"));
+                            }
+                            _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                                if queue.is_closed() {
+                                    let since = *closed_at.get_or_insert_with(tokio::time::Instant::now);
+                                    if since.elapsed() >= self.flush_timeout {
+                                        break None;
+                                    }
+                                }
+                            }
+                        }
+                    };
                     let outcome = Outcome::new(Arc::clone(&stats), spans);
-                    tasks.spawn(deliver(Arc::clone(&shared), messages, outcome, permit));
+                    match permit {
+                        Some(permit) => {
+                            tasks.spawn(deliver(Arc::clone(&shared), messages, outcome, permit));
+                        }
+                        None => {
+                            // Counted as failed (drop), with what is still queued.
+                            drop(outcome);
+                            while let Ok(trace) = queue.try_recv() {
+                                stats
+                                    .failed_spans
+                                    .fetch_add(trace.spans.len() as u64, Ordering::Relaxed);
+                            }
+                            break;
+                        }
+                    }
                 }
             }
         }
 
         // Shutdown: the queue is closed; deliver what is in flight until the
         // deadline, then count the rest as failed.
-        let deadline = tokio::time::Instant::now() + self.flush_timeout;
+        let deadline = closed_at.unwrap_or_else(tokio::time::Instant::now) + self.flush_timeout;
         let drained = tokio::time::timeout_at(deadline, async {
             while tasks.join_next().await.is_some() {}
         })
