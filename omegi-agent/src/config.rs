@@ -285,6 +285,10 @@ mod tests {
             parse_exporters("console, CONSOLE").unwrap(),
             vec![ExporterKind::Console]
         );
+        assert_eq!(
+            parse_exporters("kafka,console").unwrap(),
+            vec![ExporterKind::Kafka, ExporterKind::Console]
+        );
         let error = parse_exporters("carrier-pigeon").unwrap_err().to_string();
         assert!(
             error.contains("OMEGI_EXPORTER_KIND") && error.contains("console"),
