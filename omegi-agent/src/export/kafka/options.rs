@@ -514,3 +514,29 @@ mod tests {
         assert!(parse_client_config(env(&[("OMEGI_KAFKA_CONFIG_", "1")]), &[]).is_err());
     }
 }
+
+#[cfg(test)]
+mod librdkafka_build {
+    /// What the README promises of omegi's librdkafka build.
+    #[test]
+    fn builtin_features() {
+        let features = rdkafka::ClientConfig::new()
+            .create_native_config()
+            .unwrap()
+            .get("builtin.features")
+            .unwrap();
+        let features: Vec<&str> = features.split(',').collect();
+        for wanted in [
+            "ssl",
+            "sasl_plain",
+            "sasl_scram",
+            "sasl_oauthbearer",
+            "gzip",
+            "snappy",
+            "lz4",
+        ] {
+            assert!(features.contains(&wanted), "{wanted} not in {features:?}");
+        }
+        eprintln!("librdkafka builtin.features: {features:?}");
+    }
+}
