@@ -173,6 +173,23 @@ async fn trace(
         config.drain_interval,
     )?;
 
+    let stats_task = config.stats_interval.map(|interval| {
+        let reader_stats = Arc::clone(&reader_stats);
+        let exporter_stats = exporters.stats.clone();
+        tokio::spawn(async move {
+            let mut ticks = tokio::time::interval(interval);
+            ticks.tick().await;
+            loop {
+                ticks.tick().await;
+                // On stderr whatever the log level: the user asked for it.
+                eprintln!(
+                    "omegi-agent: {}",
+                    stats_line(&reader_stats, &exporter_stats, 0)
+                );
+            }
+        })
+    });
+
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let ending = match (&config.target, child) {
@@ -239,6 +256,14 @@ async fn trace(
     let counters = KernelCounters::read(&maps.counters);
     let exporter_stats = exporters.stats.clone();
     exporters.finish().await;
+    if let Some(task) = stats_task {
+        task.abort();
+        // The last line, with everything settled.
+        eprintln!(
+            "omegi-agent: {}",
+            stats_line(&reader_stats, &exporter_stats, in_flight.len())
+        );
+    }
 
     report_summary(&reader_stats, &counters, &exporter_stats, in_flight.len());
     Ok(match ending {
@@ -290,20 +315,7 @@ fn report_summary(
         lost.push(format!("{} unreadable events", load(&reader.malformed)));
     }
     for stats in exporters {
-        let _ = write!(
-            line,
-            "; {}: {} spans exported",
-            stats.name,
-            load(&stats.spans)
-        );
-        let retried = load(&stats.retried_spans);
-        if retried > 0 {
-            let _ = write!(line, " ({retried} retried)");
-        }
-        let sampled_out = load(&stats.sampled_out_spans);
-        if sampled_out > 0 {
-            let _ = write!(line, ", {sampled_out} not sampled");
-        }
+        let _ = write!(line, "; {}", exporter_counts(stats));
         let queue_full = load(&stats.queue_full_spans);
         let failed = load(&stats.failed_spans);
         if queue_full > 0 {
@@ -322,6 +334,50 @@ fn report_summary(
         tracing::info!("{line}");
         tracing::warn!("dropped: {}", lost.join("; "));
     }
+}
+
+/// One exporter's counts: `kafka: 120 spans exported (8 retried), 30
+/// skipped (not sampled)`.
+fn exporter_counts(stats: &crate::export::ExporterStats) -> String {
+    let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+    let mut text = format!("{}: {} spans exported", stats.name, load(&stats.spans));
+    let retried = load(&stats.retried_spans);
+    if retried > 0 {
+        let _ = write!(text, " ({retried} retried)");
+    }
+    let skipped = load(&stats.sampled_out_spans);
+    if skipped > 0 {
+        let _ = write!(text, ", {skipped} skipped (not sampled)");
+    }
+    text
+}
+
+/// The `--stats` line: what was read and what each exporter did so far.
+/// `in_flight`: calls still running at detach, which become spans too.
+fn stats_line(
+    reader: &ReaderStats,
+    exporters: &[Arc<crate::export::ExporterStats>],
+    in_flight: usize,
+) -> String {
+    let load = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+    let mut line = format!(
+        "stats: {} traces, {} spans",
+        load(&reader.traces),
+        load(&reader.spans) + in_flight as u64
+    );
+    for stats in exporters {
+        let _ = write!(
+            line,
+            "; {}: {} exported, {} retried, {} skipped, {} dropped (queue full), {} failed",
+            stats.name,
+            load(&stats.spans),
+            load(&stats.retried_spans),
+            load(&stats.sampled_out_spans),
+            load(&stats.queue_full_spans),
+            load(&stats.failed_spans),
+        );
+    }
+    line
 }
 
 /// `--list`: what would be traced and what was skipped.

@@ -30,6 +30,8 @@ pub struct Cli {
     pub pid: Option<String>,
 
     /// Trace every process that runs the executable PATH, now and later.
+    /// Also OMEGI_BINARY (for a DaemonSet configured by variables only),
+    /// used when no target is given on the command line.
     #[arg(short, long, value_name = "PATH")]
     pub binary: Option<PathBuf>,
 
@@ -63,7 +65,7 @@ pub struct Cli {
     #[arg(long, env = "OMEGI_SERVICE_NAME", default_value = "test-server")]
     pub service_name: String,
 
-    /// Where spans go: a comma-separated list of console, kafka, otlp.
+    /// Where spans go: a comma-separated list of console, kafka.
     #[arg(
         long = "exporter",
         env = "OMEGI_EXPORTER_KIND",
@@ -111,11 +113,6 @@ pub struct Cli {
     #[arg(long, default_value_t = 4096, value_name = "N")]
     pub queue_size: usize,
 
-    /// Longest the exporters may take, when tracing ends, to deliver what
-    /// they hold; spans still undelivered then are counted as failed.
-    #[arg(long, default_value = "5s", value_name = "DURATION")]
-    pub flush_timeout: String,
-
     /// Size of the kernel-to-agent ring buffer (power of two).
     #[arg(long, default_value = "8MiB", value_name = "SIZE")]
     pub ring_size: String,
@@ -123,6 +120,31 @@ pub struct Cli {
     /// How often the ring buffer is drained.
     #[arg(long, default_value = "10ms", value_name = "DURATION", hide = true)]
     pub drain_interval: String,
+
+    /// Longest the exporters may take, when tracing ends, to deliver what
+    /// they hold; spans still undelivered then are counted as failed.
+    #[arg(
+        long,
+        env = "OMEGI_FLUSH_TIMEOUT",
+        default_value = "5s",
+        value_name = "DURATION"
+    )]
+    pub flush_timeout: String,
+
+    /// Print a one-line stats report on stderr every INTERVAL (10s when
+    /// given alone).
+    #[arg(
+        long,
+        env = "OMEGI_STATS",
+        value_name = "INTERVAL",
+        num_args = 0..=1,
+        default_missing_value = "10s",
+        require_equals = true
+    )]
+    pub stats: Option<String>,
+
+    #[command(flatten)]
+    pub kafka: crate::export::kafka::options::KafkaArgs,
 
     /// Show the eBPF programs' own diagnostics.
     #[arg(long)]
@@ -135,6 +157,35 @@ pub struct Cli {
     /// More detail on stderr (repeat for more).
     #[arg(short, long, action = clap::ArgAction::Count)]
     pub verbose: u8,
+}
+
+/// The variable that names a binary to trace when the command line names
+/// no target.
+pub const BINARY_VARIABLE: &str = "OMEGI_BINARY";
+
+/// `OMEGI_BINARY`, when set and not empty.
+pub fn binary_from_env() -> Option<PathBuf> {
+    std::env::var_os(BINARY_VARIABLE)
+        .filter(|value| !value.is_empty())
+        .map(PathBuf::from)
+}
+
+impl Cli {
+    /// Parses the command line; a target (`--pid`, `--binary`, `-- CMD`) is
+    /// required unless `OMEGI_BINARY` names one. A target on the command
+    /// line wins over `OMEGI_BINARY`.
+    pub fn try_parse_args() -> Result<Self, clap::Error> {
+        use clap::{CommandFactory, FromArgMatches};
+        let required = binary_from_env().is_none();
+        let mut matches = Self::command()
+            .mut_group("target", |group| group.required(required))
+            .try_get_matches()?;
+        let mut cli = Self::from_arg_matches_mut(&mut matches)?;
+        if cli.pid.is_none() && cli.binary.is_none() && cli.command.is_empty() {
+            cli.binary = binary_from_env();
+        }
+        Ok(cli)
+    }
 }
 
 /// Format of the console exporter.

@@ -9,6 +9,7 @@ use crate::{
     attach::{KernelOptions, ReturnProbes},
     cli::{Cli, ConsoleFormat},
     discovery::Selection,
+    export::kafka::options::KafkaOptions,
 };
 
 pub mod otlp;
@@ -40,11 +41,13 @@ pub enum Target {
 pub enum ExporterKind {
     Console,
     Otlp,
+    Kafka,
 }
 
 impl ExporterKind {
     pub const ALL: &'static [(&'static str, ExporterKind)] = &[
         ("console", ExporterKind::Console),
+        ("kafka", ExporterKind::Kafka),
         ("otlp", ExporterKind::Otlp),
     ];
 
@@ -88,6 +91,9 @@ pub struct Config {
     pub drain_interval: Duration,
     /// `--error-if` / `OMEGI_ERROR_IF` return-value rules.
     pub error_rules: Vec<ReturnRule>,
+    pub kafka: KafkaOptions,
+    /// Print a stats line on stderr this often.
+    pub stats_interval: Option<Duration>,
 }
 
 impl Config {
@@ -126,13 +132,22 @@ impl Config {
             } else {
                 None
             },
-            flush_timeout: parse_duration("--flush-timeout", &cli.flush_timeout)?,
+            flush_timeout: parse_duration(
+                "OMEGI_FLUSH_TIMEOUT (--flush-timeout)",
+                &cli.flush_timeout,
+            )?,
             kernel,
             return_probes: cli.return_probes,
             max_trace_spans: positive("--max-trace-spans", cli.max_trace_spans)?,
             queue_size: positive("--queue-size", cli.queue_size)?,
             drain_interval: parse_duration("--drain-interval", &cli.drain_interval)?,
             error_rules: parse_error_rules(&cli.error_if, std::env::var("OMEGI_ERROR_IF").ok())?,
+            kafka: KafkaOptions::from_args(&cli.kafka, std::env::vars())?,
+            stats_interval: match &cli.stats {
+                Some(value) => Some(parse_duration("OMEGI_STATS (--stats)", value)?)
+                    .filter(|interval| !interval.is_zero()),
+                None => None,
+            },
         })
     }
 }
@@ -243,7 +258,7 @@ pub fn parse_flow_rate(value: &str) -> Result<u32, ConfigError> {
     }
 }
 
-fn parse_duration(name: &'static str, value: &str) -> Result<Duration, ConfigError> {
+pub(crate) fn parse_duration(name: &'static str, value: &str) -> Result<Duration, ConfigError> {
     if value.trim() == "0" {
         return Ok(Duration::ZERO);
     }
@@ -317,6 +332,10 @@ mod tests {
         assert_eq!(
             parse_exporters("console, CONSOLE").unwrap(),
             vec![ExporterKind::Console]
+        );
+        assert_eq!(
+            parse_exporters("kafka,console").unwrap(),
+            vec![ExporterKind::Kafka, ExporterKind::Console]
         );
         let error = parse_exporters("carrier-pigeon").unwrap_err().to_string();
         assert!(

@@ -14,7 +14,7 @@
 //! - [`attach`]: loading the eBPF programs and putting the probes in place.
 //! - [`events`]: draining the ring buffer the kernel side writes to.
 //! - [`assembly`]: ended calls become spans and traces.
-//! - [`export`]: traces leave the agent (console, OTLP, …).
+//! - [`export`]: traces leave the agent (console, Kafka, OTLP).
 //!
 //! [`process`] starts or watches the traced program and [`agent`] wires the
 //! stages together and owns shutdown.

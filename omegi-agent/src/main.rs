@@ -3,7 +3,6 @@
 
 use std::{fmt, process::ExitCode};
 
-use clap::Parser;
 use omegi_agent::{
     agent::{self, Outcome},
     cli::Cli,
@@ -17,7 +16,7 @@ use tracing_subscriber::{
 };
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli = match Cli::try_parse_args() {
         Ok(cli) => cli,
         Err(error) => return usage_error(error),
     };

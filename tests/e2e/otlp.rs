@@ -129,7 +129,7 @@ fn check_program_and_console(exe: &Path, run: &Run) {
 
 /// The number just before `what`, after `prefix`, in the agent's summary
 /// (its `… traces, … spans; …` line and its `dropped: …` line): e.g. `otlp: `
-/// and `not sampled` in `…; otlp: 32 spans exported, 96 not sampled; …`.
+/// and `skipped (not sampled)` in `…; otlp: 32 spans exported, 96 skipped (not sampled); …`.
 fn summary_count(run: &Run, prefix: &str, what: &str) -> Option<u64> {
     let text: String = run
         .agent_lines()
@@ -438,7 +438,7 @@ fn flow_sampling_follows_the_trace_id_rule() {
             run.agent_lines()
         );
         assert_eq!(
-            summary_count(&run, "otlp: ", "not sampled"),
+            summary_count(&run, "otlp: ", "skipped (not sampled)"),
             Some((SPANS - expected.len()) as u64),
             "{}",
             run.agent_lines()
@@ -613,7 +613,7 @@ fn bad_otlp_configuration_is_refused_at_start() {
     assert!(
         run.stderr.starts_with(
             "omegi-agent: error: OMEGI_EXPORTER_KIND (--exporter) = \"otlp,zipkin\" is not valid: \
-             a comma-separated list of console, otlp"
+             a comma-separated list of console, kafka, otlp"
         ),
         "{}",
         run.stderr

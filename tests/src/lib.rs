@@ -9,8 +9,10 @@
 //! - [`spans`]: exported spans and the call trees they form.
 //! - [`otlp`]: an OTLP collector (gRPC and HTTP/protobuf) that keeps what it
 //!   receives.
+//! - [`kafka`]: a tansu Kafka broker on loopback, and reading topics back.
 
 pub mod fixtures;
+pub mod kafka;
 pub mod otlp;
 pub mod run;
 pub mod spans;

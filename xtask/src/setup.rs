@@ -13,9 +13,19 @@ use anyhow::{bail, Context, Result};
 use crate::run as run_command;
 
 /// Debian packages the build and tests use: C and C++ compilers for the
-/// fixtures, make and perl for building librdkafka, bpftrace for the
-/// benchmark's reference run.
-const APT_PACKAGES: &[&str] = &["gcc", "g++", "make", "perl", "pkg-config", "bpftrace"];
+/// fixtures, make, perl, pkg-config and the zlib and OpenSSL headers for
+/// building librdkafka (the rdkafka crate's bundled build, with gzip and
+/// TLS), bpftrace for the benchmark's reference run.
+const APT_PACKAGES: &[&str] = &[
+    "gcc",
+    "g++",
+    "make",
+    "perl",
+    "pkg-config",
+    "zlib1g-dev",
+    "libssl-dev",
+    "bpftrace",
+];
 
 /// The tansu version the Kafka tests were written against.
 const TANSU_VERSION: &str = "0.6.0";

@@ -8,6 +8,7 @@
 pub mod console;
 pub mod errors;
 pub mod json;
+pub mod kafka;
 pub mod otlp;
 pub mod sampling;
 
@@ -131,6 +132,15 @@ impl Exporters {
                         receiver,
                         Arc::clone(&exporter_stats),
                     )?));
+                }
+                ExporterKind::Kafka => {
+                    let exporter = kafka::KafkaExporter::new(
+                        &config.kafka,
+                        Arc::clone(&context),
+                        Arc::clone(&exporter_stats),
+                        config.flush_timeout,
+                    )?;
+                    workers.push(Worker::Task(tokio::spawn(exporter.run(receiver))));
                 }
             }
             queues.push((sender, Arc::clone(&exporter_stats)));
