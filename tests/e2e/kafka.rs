@@ -185,9 +185,22 @@ impl Running {
     }
 }
 
+/// The agent command for the orders fixture: [`base_command`] with `main`
+/// left out, so that each request is one trace.
+fn agent_command(
+    server: &str,
+    flow_rate: u32,
+    spans_file: Option<&Path>,
+    extra: &[&str],
+) -> Command {
+    let mut command = base_command(server, flow_rate, spans_file, extra);
+    command.args(["--exclude", "main"]);
+    command
+}
+
 /// The agent command: Kafka settings by `OMEGI_*` variables only (as in a
 /// DaemonSet), spans also written as JSON lines to `spans_file` when given.
-fn agent_command(
+fn base_command(
     server: &str,
     flow_rate: u32,
     spans_file: Option<&Path>,
@@ -202,8 +215,7 @@ fn agent_command(
         .env("OMEGI_SERVICE_NAME", "orders-svc")
         .env("OMEGI_TOKEN", "token-123")
         .env("OMEGI_PROJECT_ROOT", fixtures::sources_dir())
-        .env("OMEGI_STATS", "1s")
-        .args(["--exclude", "main"]);
+        .env("OMEGI_STATS", "1s");
     match spans_file {
         Some(path) => {
             command
@@ -898,4 +910,139 @@ mod hand_built {
         );
         assert_eq!(flow[0]["spanId"], "0000000000000001");
     }
+}
+
+/// Runs `fixture` (a path under tests/fixtures) with `args` to the end, with
+/// the Kafka and console exporters and every function traced.
+fn traced_failing_run(
+    broker: &Broker,
+    fixture: &str,
+    args: &[&str],
+    extra: &[&str],
+) -> (ExitStatus, Vec<SpanRecord>, String) {
+    omegi_tests::require_root();
+    let exe = fixtures::build(fixture, Linking::Pie);
+    let dir = omegi_tests::scratch_dir("kafka-errors");
+    let spans_file = dir.join("spans.jsonl");
+    let mut command = base_command(&broker.address(), 1, Some(&spans_file), extra);
+    command.arg("--").arg(exe).args(args);
+    let (status, _stdout, stderr) = Running::start(command).finish();
+    let spans = parse_lines(&std::fs::read_to_string(&spans_file).unwrap());
+    (status, spans, stderr)
+}
+
+#[test]
+fn a_caught_exception_reaches_the_error_topic_with_its_path() {
+    let broker = Broker::start();
+    let (status, spans, stderr) = traced_failing_run(&broker, "cpp/errors_caught.cpp", &[], &[]);
+    assert!(status.success(), "{stderr}");
+    let traces = traces(&spans);
+    assert_eq!(traces.len(), 1);
+    let errors = kafka::read_json(&broker.address(), "error", 1);
+    assert_eq!(errors.len(), 1, "one error trace, one message");
+    let message = &errors[0];
+    assert_eq!(message["traceId"], traces[0].trace_id.as_str());
+    assert_eq!(message["tracer"], "omegi-agent-ebpf");
+    assert_eq!(message["serviceName"], "orders-svc");
+    assert_eq!(message["token"], "token-123");
+    // Three exceptions passed through this trace, all caught: the first is
+    // the one the error object tells.
+    let error = &message["error"];
+    assert_eq!(error["exception.type"], "ValidationError");
+    assert_eq!(error["exception.message"], "value 700 out of range");
+    assert_eq!(
+        error["exception.flow"],
+        serde_json::json!({"step.1": "check_range", "step.2": "parse_field", "step.3": "parse_record"})
+    );
+    let stacktrace = error["exception.stacktrace"].as_str().unwrap();
+    let lines: Vec<&str> = stacktrace.lines().collect();
+    assert_eq!(lines[0], "ValidationError: value 700 out of range");
+    assert!(
+        lines[1].starts_with("  at check_range (") && lines[1].ends_with("errors_caught.cpp:13)"),
+        "{stacktrace}"
+    );
+    assert!(lines[5].starts_with("  at main ("), "{stacktrace}");
+    // Every span of the trace, in the order they ended, the entry span last.
+    let names: Vec<&str> = message["spans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|span| span["name"].as_str().unwrap())
+        .collect();
+    let console: Vec<&str> = spans.iter().map(|span| span.name.as_str()).collect();
+    assert_eq!(names, console);
+    assert_eq!(names.last(), Some(&"main"));
+    let error_spans = message["spans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|span| span["attributes"]["otel.status_code"] == "ERROR")
+        .count();
+    assert_eq!(error_spans, 6);
+}
+
+#[test]
+fn an_uncaught_exception_reaches_the_error_topic_before_the_program_dies() {
+    let broker = Broker::start();
+    let (status, _spans, stderr) = traced_failing_run(&broker, "cpp/errors_uncaught.cpp", &[], &[]);
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(6), "{stderr}");
+    let errors = kafka::read_json(&broker.address(), "error", 1);
+    assert_eq!(errors.len(), 1);
+    let error = &errors[0]["error"];
+    assert_eq!(error["exception.type"], "std::runtime_error");
+    assert_eq!(error["exception.message"], "config file missing");
+    assert_eq!(
+        error["exception.flow"],
+        serde_json::json!({"step.1": "load_config", "step.2": "start_server", "step.3": "main"})
+    );
+}
+
+#[test]
+fn every_error_trace_is_on_the_error_topic() {
+    // parse_order(id) = id * 7 % 13 + 1; the rule calls > 10 a failure.
+    let requests = 60u32;
+    let failing = (0..requests).filter(|id| id * 7 % 13 + 1 > 10).count();
+    assert!(failing > 5);
+    let broker = Broker::start();
+    let dir = omegi_tests::scratch_dir("kafka-rules");
+    let spans_file = dir.join("spans.jsonl");
+    let mut command = agent_command(
+        &broker.address(),
+        5,
+        Some(&spans_file),
+        &["--error-if", "parse_order:ret>10"],
+    );
+    command.arg("--").arg(fixture()).arg(requests.to_string());
+    let (status, _stdout, stderr) = Running::start(command).finish();
+    assert!(status.success(), "{stderr}");
+    let spans = parse_lines(&std::fs::read_to_string(&spans_file).unwrap());
+    let error_traces: BTreeSet<String> = spans
+        .iter()
+        .filter(|span| span.is_error())
+        .map(|span| span.trace_id.clone())
+        .collect();
+    assert_eq!(error_traces.len(), failing);
+
+    let messages = kafka::read_json(&broker.address(), "error", failing);
+    let received: BTreeSet<String> = messages
+        .iter()
+        .map(|message| message["traceId"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(messages.len(), failing, "each error trace once");
+    assert_eq!(received, error_traces);
+    for message in &messages {
+        assert_eq!(message["error"]["exception.type"], "return value");
+        assert_eq!(
+            message["error"]["exception.flow"],
+            serde_json::json!({"step.1": "parse_order"})
+        );
+    }
+    // The flow topic still samples all traces, errors or not, by the rule.
+    let sampled = traces(&spans)
+        .iter()
+        .filter(|trace| must_be_sampled(&trace.trace_id, 5))
+        .count();
+    let flow = kafka::read_json(&broker.address(), "flow", sampled);
+    assert_eq!(flow.len(), sampled);
 }

@@ -86,8 +86,14 @@ fn orders() -> PathBuf {
 }
 
 /// Runs the agent on `exe` with `env` (and nothing else of the inherited
-/// OMEGI/OTEL configuration), the console exporter writing JSON to a file.
+/// OMEGI/OTEL configuration), the console exporter writing JSON to a file;
+/// the orders fixture's own functions only.
 fn traced(exe: &Path, env: &[(&str, &str)], extra: &[&str]) -> Run {
+    traced_functions(exe, "order_*", env, extra)
+}
+
+/// [`traced`], tracing the functions matching `include`.
+fn traced_functions(exe: &Path, include: &str, env: &[(&str, &str)], extra: &[&str]) -> Run {
     let dir = omegi_tests::scratch_dir("otlp");
     let console = dir.join("spans.jsonl");
     let mut command = Command::new(agent_bin());
@@ -98,7 +104,7 @@ fn traced(exe: &Path, env: &[(&str, &str)], extra: &[&str]) -> Run {
         .envs(env.iter().copied())
         .arg("--project-root")
         .arg(fixtures::sources_dir())
-        .args(["--include", "order_*", "--format", "json", "--output"])
+        .args(["--include", include, "--format", "json", "--output"])
         .arg(&console)
         .args(extra)
         .arg("--")
@@ -776,5 +782,57 @@ fn error_traces_always_go_out_with_their_exception() {
             ))
         );
         assert!(root.span.events.is_empty());
+    }
+}
+
+#[test]
+fn a_real_exception_arrives_with_its_type_message_and_stack() {
+    use std::os::unix::process::ExitStatusExt;
+    let collector = Collector::start();
+    let exe = fixtures::build("cpp/errors_uncaught.cpp", Linking::Pie);
+    // A flow rate no ordinary trace passes: the error trace goes out anyway.
+    let run = traced_functions(
+        &exe,
+        "*",
+        &[
+            ("OMEGI_EXPORTER_KIND", "otlp,console"),
+            ("OMEGI_FLOW_RATE", "1000000"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &collector.grpc_endpoint()),
+        ],
+        &[],
+    );
+    assert_eq!(run.status.signal(), Some(6), "{}", run.stderr);
+    let received = collector.wait_for_spans(3, Duration::from_secs(60));
+    let mut names: Vec<String> = received.iter().map(|s| s.span.name.clone()).collect();
+    names.sort();
+    assert_eq!(names, vec!["load_config", "main", "start_server"]);
+    for span in &received {
+        let status = span.span.status.clone().unwrap();
+        assert_eq!(status.code, StatusCode::Error as i32, "{}", span.span.name);
+        assert_eq!(status.message, "std::runtime_error: config file missing");
+        assert_eq!(span.span.events.len(), 1, "{}", span.span.name);
+        let event = &span.span.events[0];
+        assert_eq!(event.name, "exception");
+        let attributes = omegi_tests::otlp::attributes(&event.attributes);
+        assert_eq!(
+            attributes.get("exception.type").and_then(Value::as_str),
+            Some("std::runtime_error")
+        );
+        assert_eq!(
+            attributes.get("exception.message").and_then(Value::as_str),
+            Some("config file missing")
+        );
+        let stacktrace = attributes
+            .get("exception.stacktrace")
+            .and_then(Value::as_str)
+            .unwrap()
+            .to_owned();
+        let first = stacktrace.lines().next().unwrap();
+        assert!(
+            first.starts_with("at load_config (") && first.ends_with("errors_uncaught.cpp:7)"),
+            "{stacktrace}"
+        );
+        assert_eq!(stacktrace.lines().count(), 3, "{stacktrace}");
     }
 }
