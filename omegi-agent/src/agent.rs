@@ -64,12 +64,17 @@ pub fn run(config: Config) -> anyhow::Result<Outcome> {
     };
 
     let table = FunctionTable::discover(&binary, &config.selection)?;
-    if !table.has_dwarf {
+    if table.from_symbol_table {
         tracing::warn!(
-            "{} has no DWARF debug info: tracing functions from the symbol table, without \
+            "{} has no DWARF debug info{}: tracing functions from the symbol table, without \
              file:line and without applying the project root (runtime and libc symbols are left \
              out); build with -g for both",
-            binary.display()
+            binary.display(),
+            if table.has_dwarf {
+                " for your code (only for its runtime)"
+            } else {
+                ""
+            },
         );
     }
     if config.list_only {
@@ -388,10 +393,10 @@ pub fn describe_table(table: &FunctionTable, mechanism: ReturnMechanism) -> Stri
         "{} functions would be traced in {} (debug info: {}; returns by {}{})",
         table.functions.len(),
         table.binary.display(),
-        if table.has_dwarf {
-            "DWARF"
-        } else {
-            "none, symbol table only"
+        match (table.has_dwarf, table.from_symbol_table) {
+            (_, false) => "DWARF",
+            (true, true) => "DWARF for the runtime only, symbol table",
+            (false, true) => "none, symbol table only",
         },
         mechanism.as_str(),
         if table.can_unwind {

@@ -250,6 +250,9 @@ pub mod globals {
     /// `u32`: byte offset of `child_pid` in the `sched_process_fork`
     /// tracepoint record (read from tracefs at start).
     pub const FORK_CHILD_PID_OFFSET: &str = "FORK_CHILD_PID_OFFSET";
+    /// `u32`: byte offset of `group_dead` in `sched_process_exit`, 0 when the
+    /// kernel's record has no such field.
+    pub const EXIT_GROUP_DEAD_OFFSET: &str = "EXIT_GROUP_DEAD_OFFSET";
     /// `u32`: byte offsets of `sig` and `sa_handler` in the `signal_deliver`
     /// tracepoint record.
     pub const SIGNAL_SIG_OFFSET: &str = "SIGNAL_SIG_OFFSET";

@@ -66,6 +66,11 @@ static ALL_PROCESSES: Global<u8> = Global::new(0);
 #[no_mangle]
 static FORK_CHILD_PID_OFFSET: Global<u32> = Global::new(44);
 
+/// Byte offset of `group_dead` in `sched_process_exit` (0: the kernel does
+/// not have the field).
+#[no_mangle]
+static EXIT_GROUP_DEAD_OFFSET: Global<u32> = Global::new(0);
+
 #[uprobe]
 pub fn omegi_entry(ctx: ProbeContext) -> u32 {
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
@@ -111,7 +116,7 @@ pub fn omegi_fork(ctx: TracePointContext) -> u32 {
 /// `sched/sched_process_exit`: runs in the exiting thread; closes what is
 /// still on its stack and says the thread is gone.
 #[tracepoint]
-pub fn omegi_task_exit(_ctx: TracePointContext) -> u32 {
+pub fn omegi_task_exit(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     if let Some(stack) = THREADS.get_ptr_mut(&tid) {
@@ -135,6 +140,13 @@ pub fn omegi_task_exit(_ctx: TracePointContext) -> u32 {
     }
     if tid != tgid {
         let _ = TGIDS.remove(&tid);
+    }
+    // The last thread of a process: forget the process, so that a traced
+    // program forking many short-lived children never fills the map, and a
+    // reused pid is not traced by mistake.
+    let group_dead_offset = EXIT_GROUP_DEAD_OFFSET.load() as usize;
+    if group_dead_offset != 0 && unsafe { ctx.read_at::<u8>(group_dead_offset) }.unwrap_or(0) != 0 {
+        let _ = TGIDS.remove(&tgid);
     }
     0
 }

@@ -338,6 +338,46 @@ fn c_without_dwarf_is_traced_from_the_symbol_table() {
     }
 }
 
+#[test]
+fn rust_without_debug_info_falls_back_to_the_symbol_table() {
+    // std keeps its DWARF; the program's functions have none. Without the
+    // fallback nothing would be traced.
+    for linking in BOTH {
+        let exe = fixtures::build("rust/nodebug.rs", linking);
+        let traced = trace_unharmed(&exe, &[], &[]);
+        assert_eq!(traced.stdout, "12\n");
+        let warning = traced.agent_stderr();
+        assert!(
+            warning.contains("no DWARF debug info for your code (only for its runtime)")
+                && warning.lines().count() == 1,
+            "{warning}"
+        );
+        let traces = traces(&traced.spans);
+        assert_eq!(traces.len(), 1);
+        let names: BTreeSet<&str> = traced.spans.iter().map(|span| span.name.as_str()).collect();
+        for wanted in ["nodebug::main", "nodebug::compute", "nodebug::double"] {
+            assert!(names.contains(wanted), "{wanted} missing from {names:?}");
+        }
+        for name in &names {
+            let subject = name.trim_start_matches('<');
+            assert!(
+                !["std::", "core::", "alloc::"]
+                    .iter()
+                    .any(|p| subject.starts_with(p)),
+                "a runtime function was traced: {name}"
+            );
+        }
+        assert_eq!(
+            traced
+                .spans
+                .iter()
+                .filter(|s| s.name == "nodebug::double")
+                .count(),
+            3
+        );
+    }
+}
+
 // --- --pid --------------------------------------------------------------
 
 /// The looper fixture, started and waiting on its stdin.

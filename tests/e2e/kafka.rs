@@ -706,6 +706,7 @@ mod hand_built {
                 ],
                 skipped: Default::default(),
                 has_dwarf: true,
+                from_symbol_table: false,
                 can_unwind: true,
                 runtime: Default::default(),
                 sources: None,

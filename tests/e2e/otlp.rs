@@ -675,6 +675,7 @@ fn error_traces_always_go_out_with_their_exception() {
                 functions: vec![function(0, "handle", 10), function(1, "parse", 20)],
                 skipped: Default::default(),
                 has_dwarf: true,
+                from_symbol_table: false,
                 can_unwind: false,
                 runtime: Default::default(),
                 sources: None,

@@ -152,6 +152,8 @@ impl Probes {
         let signal_sig = offset("signal", "signal_deliver", "sig")?;
         let signal_handler = offset("signal", "signal_deliver", "sa_handler")?;
         let exit_code = offset("syscalls", "sys_enter_exit_group", "error_code")?;
+        // Newer kernels only; without it exited processes stay in TGIDS.
+        let group_dead = offset("sched", "sched_process_exit", "group_dead").unwrap_or(0);
 
         let split_after_ns = u64::try_from(options.split_after.as_nanos()).unwrap_or(u64::MAX);
         let all_processes = u8::from(options.all_processes);
@@ -163,6 +165,7 @@ impl Probes {
             .override_global(globals::SIGNAL_SIG_OFFSET, &signal_sig, true)
             .override_global(globals::SIGNAL_HANDLER_OFFSET, &signal_handler, true)
             .override_global(globals::EXIT_CODE_OFFSET, &exit_code, true)
+            .override_global(globals::EXIT_GROUP_DEAD_OFFSET, &group_dead, true)
             .override_global("AYA_LOG_LEVEL", &log_level, false)
             .map_max_entries(names::MAP_EVENTS, options.ring_size)
             .load(EBPF_OBJECT)?;

@@ -141,6 +141,10 @@ pub struct FunctionTable {
     pub skipped: HashMap<SkipReason, usize>,
     /// Whether the binary carries DWARF.
     pub has_dwarf: bool,
+    /// Functions were taken from the symbol table because DWARF covers none
+    /// of the user's code (no DWARF at all, or only the runtime's, as in a
+    /// Rust program built without `-g` whose std keeps its debug info).
+    pub from_symbol_table: bool,
     /// Whether an unwinder in the binary could walk through a uretprobe'd
     /// frame (and so uretprobes must not be used).
     pub can_unwind: bool,
@@ -187,95 +191,37 @@ impl FunctionTable {
             functions: Vec::new(),
             skipped: HashMap::new(),
             has_dwarf,
+            from_symbol_table: !has_dwarf,
             can_unwind: elf::can_unwind(&file),
             runtime: runtime::find(&file),
             sources: None,
         };
-        let cold_parts = split_parts(&file);
-        let mut seen_addresses = HashSet::new();
-
-        for symbol in file.symbols() {
-            if symbol.kind() != SymbolKind::Text || symbol.is_undefined() {
-                continue;
-            }
-            let Ok(raw_name) = symbol.name() else {
-                continue;
+        let select = Selector {
+            file: &file,
+            sources: sources.as_ref(),
+            filter: &filter,
+            root: &root,
+            cold_parts: split_parts(&file),
+        };
+        select.fill(&mut table, false);
+        if table.functions.is_empty() && table.skipped.contains_key(&SkipReason::NoDebugInfo) {
+            // DWARF, but none of it for the user's code (a Rust program built
+            // without -g keeps std's): take the symbols it does not cover, as
+            // for a binary without DWARF.
+            let mut fallback = FunctionTable {
+                binary: table.binary.clone(),
+                functions: Vec::new(),
+                skipped: HashMap::new(),
+                has_dwarf,
+                from_symbol_table: true,
+                can_unwind: table.can_unwind,
+                runtime: table.runtime.clone(),
+                sources: None,
             };
-            if !in_text_section(&file, &symbol) {
-                continue;
+            select.fill(&mut fallback, true);
+            if !fallback.functions.is_empty() {
+                table = fallback;
             }
-            let skip = |table: &mut FunctionTable, reason| {
-                *table.skipped.entry(reason).or_default() += 1;
-            };
-            if is_split_part(raw_name) {
-                skip(&mut table, SkipReason::SplitPart);
-                continue;
-            }
-            if symbol.size() == 0 {
-                skip(&mut table, SkipReason::ZeroSize);
-                continue;
-            }
-            let name = demangle(raw_name);
-            let (file_path, line) = match &sources {
-                Some(sources) => match sources.location(symbol.address()) {
-                    Some((path, line)) => (Some(normalize(&path)), line),
-                    None => {
-                        skip(&mut table, SkipReason::NoDebugInfo);
-                        continue;
-                    }
-                },
-                None => (None, None),
-            };
-            match &file_path {
-                Some(path) if !path.starts_with(&root) => {
-                    skip(&mut table, SkipReason::OutsideProjectRoot);
-                    continue;
-                }
-                None if names::is_runtime(raw_name, &name) => {
-                    skip(&mut table, SkipReason::Runtime);
-                    continue;
-                }
-                _ => {}
-            }
-            if !filter.keeps(&name) {
-                skip(&mut table, SkipReason::Filtered);
-                continue;
-            }
-            if !seen_addresses.insert(symbol.address()) {
-                skip(&mut table, SkipReason::Alias);
-                continue;
-            }
-            let mut ranges = Vec::new();
-            ranges.extend(
-                elf::code_at(&file, symbol.address(), symbol.size()).map(|bytes| code::CodeRange {
-                    address: symbol.address(),
-                    bytes,
-                }),
-            );
-            if ranges.is_empty() {
-                skip(&mut table, SkipReason::Undecodable);
-                continue;
-            }
-            if let Some(&(address, size)) = cold_parts.get(raw_name) {
-                ranges.extend(
-                    elf::code_at(&file, address, size)
-                        .map(|bytes| code::CodeRange { address, bytes }),
-                );
-            }
-            let Some(analysis) = analyze_with_offsets(&file, &ranges) else {
-                skip(&mut table, SkipReason::Undecodable);
-                continue;
-            };
-            table.functions.push(Function {
-                id: table.functions.len() as u32,
-                name,
-                symbol: raw_name.to_owned(),
-                file: file_path,
-                line,
-                address: symbol.address(),
-                size: symbol.size(),
-                code: analysis,
-            });
         }
         table.sources = sources.map(std::sync::Arc::new);
         Ok(table)
@@ -299,6 +245,111 @@ impl FunctionTable {
     /// How many function symbols were left out in all.
     pub fn skipped_total(&self) -> usize {
         self.skipped.values().sum()
+    }
+}
+
+/// One pass over a binary's function symbols, adding the ones to trace to a
+/// table and counting the others.
+struct Selector<'a, 'data> {
+    file: &'a object::File<'data>,
+    sources: Option<&'a dwarf::SourceIndex>,
+    filter: &'a NameFilter,
+    root: &'a Path,
+    cold_parts: HashMap<String, (u64, u64)>,
+}
+
+impl Selector<'_, '_> {
+    /// With `uncovered_as_symbols`, a symbol DWARF does not cover is taken
+    /// as in a binary without DWARF (runtime names left out) instead of
+    /// being skipped.
+    fn fill(&self, table: &mut FunctionTable, uncovered_as_symbols: bool) {
+        let mut seen_addresses = HashSet::new();
+        for symbol in self.file.symbols() {
+            if symbol.kind() != SymbolKind::Text || symbol.is_undefined() {
+                continue;
+            }
+            let Ok(raw_name) = symbol.name() else {
+                continue;
+            };
+            if !in_text_section(self.file, &symbol) {
+                continue;
+            }
+            let skip = |table: &mut FunctionTable, reason| {
+                *table.skipped.entry(reason).or_default() += 1;
+            };
+            if is_split_part(raw_name) {
+                skip(table, SkipReason::SplitPart);
+                continue;
+            }
+            if symbol.size() == 0 {
+                skip(table, SkipReason::ZeroSize);
+                continue;
+            }
+            let name = demangle(raw_name);
+            let (file_path, line) = match self.sources {
+                Some(sources) => match sources.location(symbol.address()) {
+                    Some((path, line)) => (Some(normalize(&path)), line),
+                    None if uncovered_as_symbols => (None, None),
+                    None => {
+                        skip(table, SkipReason::NoDebugInfo);
+                        continue;
+                    }
+                },
+                None => (None, None),
+            };
+            match &file_path {
+                Some(path) if !path.starts_with(self.root) => {
+                    skip(table, SkipReason::OutsideProjectRoot);
+                    continue;
+                }
+                None if names::is_runtime(raw_name, &name) => {
+                    skip(table, SkipReason::Runtime);
+                    continue;
+                }
+                _ => {}
+            }
+            if !self.filter.keeps(&name) {
+                skip(table, SkipReason::Filtered);
+                continue;
+            }
+            if !seen_addresses.insert(symbol.address()) {
+                skip(table, SkipReason::Alias);
+                continue;
+            }
+            let mut ranges = Vec::new();
+            ranges.extend(
+                elf::code_at(self.file, symbol.address(), symbol.size()).map(|bytes| {
+                    code::CodeRange {
+                        address: symbol.address(),
+                        bytes,
+                    }
+                }),
+            );
+            if ranges.is_empty() {
+                skip(table, SkipReason::Undecodable);
+                continue;
+            }
+            if let Some(&(address, size)) = self.cold_parts.get(raw_name) {
+                ranges.extend(
+                    elf::code_at(self.file, address, size)
+                        .map(|bytes| code::CodeRange { address, bytes }),
+                );
+            }
+            let Some(analysis) = analyze_with_offsets(self.file, &ranges) else {
+                skip(table, SkipReason::Undecodable);
+                continue;
+            };
+            table.functions.push(Function {
+                id: table.functions.len() as u32,
+                name,
+                symbol: raw_name.to_owned(),
+                file: file_path,
+                line,
+                address: symbol.address(),
+                size: symbol.size(),
+                code: analysis,
+            });
+        }
     }
 }
 

@@ -70,11 +70,14 @@ pub fn is_runtime(symbol: &str, demangled: &str) -> bool {
     // C; mangled C++ (`_Z`) and Rust v0 (`_R`) names are not what that means.
     let reserved =
         symbol.starts_with('_') && !symbol.starts_with("_Z") && !symbol.starts_with("_R");
+    // `<<alloc::vec::IntoIter<T> as Drop>::drop::Guard as Drop>::drop`: a
+    // runtime type's impl, however deeply nested.
+    let subject = demangled.trim_start_matches('<');
     reserved
         || CRT_FUNCTIONS.contains(&symbol)
         || RUNTIME_PREFIXES
             .iter()
-            .any(|prefix| demangled.starts_with(prefix))
+            .any(|prefix| demangled.starts_with(prefix) || subject.starts_with(prefix))
 }
 
 #[cfg(test)]
@@ -119,6 +122,14 @@ mod tests {
             "fixture::main"
         ));
         assert!(!is_runtime("compute", "compute"));
+        assert!(is_runtime(
+            "_ZN1x4drop17h0123456789abcdefE",
+            "<<alloc::vec::into_iter::IntoIter<T,A> as core::ops::drop::Drop>::drop::DropGuard<T,A> as core::ops::drop::Drop>::drop"
+        ));
+        assert!(!is_runtime(
+            "_ZN1x1y17h0123456789abcdefE",
+            "<shop::Cart as core::fmt::Debug>::fmt"
+        ));
         assert!(!is_runtime("_Z7computei", "compute"));
     }
 }

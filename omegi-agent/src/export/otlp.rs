@@ -682,6 +682,7 @@ mod tests {
                 ],
                 skipped: HashMap::new(),
                 has_dwarf: true,
+                from_symbol_table: false,
                 can_unwind: false,
                 runtime: Default::default(),
                 sources: None,

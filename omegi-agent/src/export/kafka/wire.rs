@@ -413,6 +413,7 @@ mod tests {
                 ],
                 skipped: HashMap::new(),
                 has_dwarf: true,
+                from_symbol_table: false,
                 can_unwind: true,
                 runtime: Default::default(),
                 sources: None,
