@@ -679,38 +679,25 @@ mod hand_built {
     use super::*;
     use omegi_agent::{
         assembly::{is_sampled, Span, SpanEnd, Status, Trace},
-        discovery::{CodeAnalysis, Function, FunctionTable},
+        discovery::{Function, FunctionTable},
         export::{kafka::options::KafkaArgs, kafka::options::KafkaOptions, ExportContext},
         export::{kafka::KafkaExporter, ExporterStats},
     };
     use std::sync::atomic::Ordering;
 
     fn context() -> Arc<ExportContext> {
-        let function = |id: u32, name: &str, line| Function {
-            id,
-            name: name.into(),
-            symbol: name.into(),
-            file: Some(PathBuf::from("/app/src/orders.cpp")),
-            line: Some(line),
-            address: 0,
-            size: 1,
-            code: CodeAnalysis::default(),
+        let function = |id: u32, name: &str, line| {
+            Function::described(id, name, Some("/app/src/orders.cpp"), Some(line))
         };
         Arc::new(ExportContext {
-            functions: Arc::new(FunctionTable {
-                binary: "/app/orders".into(),
-                functions: vec![
+            functions: Arc::new(FunctionTable::from_functions(
+                "/app/orders",
+                vec![
                     function(0, "orders::handle", 10),
                     function(1, "orders::db::query", 20),
                     function(2, "orders::db::parse_row", 30),
                 ],
-                skipped: Default::default(),
-                has_dwarf: true,
-                from_symbol_table: false,
-                can_unwind: true,
-                runtime: Default::default(),
-                sources: None,
-            }),
+            )),
             service_name: "orders".into(),
             project_root: "/app".into(),
         })

@@ -17,7 +17,7 @@ use std::{
 use omegi_agent::{
     assembly::{is_sampled, Span, SpanEnd, Status, Trace},
     config::otlp::{OtlpOptions, OtlpProtocol},
-    discovery::{CodeAnalysis, Function, FunctionTable},
+    discovery::{Function, FunctionTable},
     export::{otlp, ExportContext, ExporterStats},
 };
 use omegi_tests::{
@@ -659,27 +659,14 @@ fn error_traces_always_go_out_with_their_exception() {
             gzip: false,
             ca_certificates: None,
         };
-        let function = |id: u32, name: &str, line| Function {
-            id,
-            name: name.into(),
-            symbol: name.into(),
-            file: Some(PathBuf::from("/app/src/server.c")),
-            line: Some(line),
-            address: 0,
-            size: 1,
-            code: CodeAnalysis::default(),
+        let function = |id: u32, name: &str, line| {
+            Function::described(id, name, Some("/app/src/server.c"), Some(line))
         };
         let context = Arc::new(ExportContext {
-            functions: Arc::new(FunctionTable {
-                binary: "/app/server".into(),
-                functions: vec![function(0, "handle", 10), function(1, "parse", 20)],
-                skipped: Default::default(),
-                has_dwarf: true,
-                from_symbol_table: false,
-                can_unwind: false,
-                runtime: Default::default(),
-                sources: None,
-            }),
+            functions: Arc::new(FunctionTable::from_functions(
+                "/app/server",
+                vec![function(0, "handle", 10), function(1, "parse", 20)],
+            )),
             service_name: "errors".into(),
             project_root: "/app".into(),
         });

@@ -84,6 +84,21 @@ pub struct Function {
 }
 
 impl Function {
+    /// A function known only by name and source place, with no code (a table
+    /// built by hand, e.g. to render or export spans recorded elsewhere).
+    pub fn described(id: u32, name: &str, file: Option<&str>, line: Option<u32>) -> Self {
+        Self {
+            id,
+            name: name.into(),
+            symbol: name.into(),
+            file: file.map(PathBuf::from),
+            line,
+            address: 0,
+            size: 1,
+            code: CodeAnalysis::default(),
+        }
+    }
+
     /// `file:line`, or the bare file, or nothing.
     pub fn location(&self) -> Option<String> {
         let file = self.file.as_ref()?.display();
@@ -155,6 +170,21 @@ pub struct FunctionTable {
 }
 
 impl FunctionTable {
+    /// A table of `functions` (ids their indices) for `binary`, as if
+    /// discovered with DWARF: for tables built by hand.
+    pub fn from_functions(binary: impl Into<PathBuf>, functions: Vec<Function>) -> Self {
+        Self {
+            binary: binary.into(),
+            functions,
+            skipped: HashMap::new(),
+            has_dwarf: true,
+            from_symbol_table: false,
+            can_unwind: false,
+            runtime: RuntimeHooks::default(),
+            sources: None,
+        }
+    }
+
     /// The function with this id (a probe cookie).
     pub fn get(&self, id: u32) -> Option<&Function> {
         self.functions.get(id as usize)

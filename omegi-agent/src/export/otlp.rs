@@ -656,37 +656,23 @@ mod tests {
     use super::*;
     use crate::{
         assembly::SpanEnd,
-        discovery::{CodeAnalysis, Function, FunctionTable},
+        discovery::{Function, FunctionTable},
     };
     use opentelemetry::Value;
-    use std::path::PathBuf;
 
     fn context() -> ExportContext {
-        let function = |id: u32, name: &str, line| Function {
-            id,
-            name: name.into(),
-            symbol: name.into(),
-            file: Some(PathBuf::from("/app/src/main.c")),
-            line: Some(line),
-            address: 0,
-            size: 1,
-            code: CodeAnalysis::default(),
+        let function = |id: u32, name: &str, line| {
+            Function::described(id, name, Some("/app/src/main.c"), Some(line))
         };
         ExportContext {
-            functions: Arc::new(FunctionTable {
-                binary: "/app/server".into(),
-                functions: vec![
+            functions: Arc::new(FunctionTable::from_functions(
+                "/app/server",
+                vec![
                     function(0, "main", 10),
                     function(1, "work", 20),
                     function(2, "parse", 30),
                 ],
-                skipped: HashMap::new(),
-                has_dwarf: true,
-                from_symbol_table: false,
-                can_unwind: false,
-                runtime: Default::default(),
-                sources: None,
-            }),
+            )),
             service_name: "svc".into(),
             project_root: "/app".into(),
         }

@@ -383,41 +383,25 @@ pub fn flow_message(trace: &Trace, sender: &Sender) -> Option<Vec<u8>> {
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::HashMap, path::PathBuf, sync::Arc};
+    use std::sync::Arc;
 
     use super::*;
     use crate::{
         assembly::SpanEnd,
-        discovery::{CodeAnalysis, Function, FunctionTable},
+        discovery::{Function, FunctionTable},
     };
 
     fn context() -> ExportContext {
-        let function = |id: u32, name: &str, file: Option<&str>, line| Function {
-            id,
-            name: name.into(),
-            symbol: name.into(),
-            file: file.map(PathBuf::from),
-            line,
-            address: 0,
-            size: 1,
-            code: CodeAnalysis::default(),
-        };
         ExportContext {
-            functions: Arc::new(FunctionTable {
-                binary: "/srv/bin/shop".into(),
-                functions: vec![
-                    function(0, "handle_request", Some("/app/src/server.c"), Some(10)),
-                    function(1, "shop::cart::total", Some("/app/src/cart.rs"), Some(20)),
-                    function(2, "db::Conn<T>::query", Some("/app/src/db.cpp"), Some(30)),
-                    function(3, "leaf", None, None),
+            functions: Arc::new(FunctionTable::from_functions(
+                "/srv/bin/shop",
+                vec![
+                    Function::described(0, "handle_request", Some("/app/src/server.c"), Some(10)),
+                    Function::described(1, "shop::cart::total", Some("/app/src/cart.rs"), Some(20)),
+                    Function::described(2, "db::Conn<T>::query", Some("/app/src/db.cpp"), Some(30)),
+                    Function::described(3, "leaf", None, None),
                 ],
-                skipped: HashMap::new(),
-                has_dwarf: true,
-                from_symbol_table: false,
-                can_unwind: true,
-                runtime: Default::default(),
-                sources: None,
-            }),
+            )),
             service_name: "shop".into(),
             project_root: "/app".into(),
         }
