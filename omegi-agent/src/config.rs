@@ -7,6 +7,7 @@ use std::{ffi::OsString, path::PathBuf, time::Duration};
 use crate::{
     assembly::ReturnRule,
     attach::{KernelOptions, ReturnProbes},
+    budget::Budget,
     cli::{Cli, ConsoleFormat},
     discovery::Selection,
 };
@@ -75,6 +76,10 @@ pub struct Config {
     pub drain_interval: Duration,
     /// `--error-if` / `OMEGI_ERROR_IF` return-value rules.
     pub error_rules: Vec<ReturnRule>,
+    /// `--overhead-budget`: functions too hot for their probes are detached.
+    pub budget: Option<Budget>,
+    /// `--entry-at-first-instruction` (benchmarking probe placement).
+    pub entry_at_first_instruction: bool,
 }
 
 impl Config {
@@ -86,11 +91,19 @@ impl Config {
             (None, None, command) => Target::Command(command),
         };
         let split_after = parse_duration("--split-after", &cli.split_after)?;
+        let budget = Budget::parse(&cli.overhead_budget).map_err(|expected| ConfigError {
+            name: "--overhead-budget",
+            value: cli.overhead_budget.clone(),
+            expected,
+        })?;
         let kernel = KernelOptions {
             split_after,
             all_processes: matches!(target, Target::Binary(_)),
             ring_size: parse_ring_size(&cli.ring_size)?,
             debug_ebpf: cli.debug_ebpf,
+            min_duration: parse_duration("--min-duration", &cli.min_duration)?,
+            budget_short: budget.map_or(Duration::ZERO, |budget| budget.mean_duration),
+            attach_mode: cli.attach_mode,
         };
         Ok(Self {
             target,
@@ -113,6 +126,8 @@ impl Config {
             queue_size: positive("--queue-size", cli.queue_size)?,
             drain_interval: parse_duration("--drain-interval", &cli.drain_interval)?,
             error_rules: parse_error_rules(&cli.error_if, std::env::var("OMEGI_ERROR_IF").ok())?,
+            budget,
+            entry_at_first_instruction: cli.entry_at_first_instruction,
         })
     }
 }

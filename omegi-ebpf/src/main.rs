@@ -27,12 +27,13 @@ mod stack;
 use aya_ebpf::{
     helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{map, tracepoint, uprobe, uretprobe},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
     EbpfContext, Global,
 };
 use omegi_common::{
-    counter, end_reason, event_kind, ThreadExitEvent, ThreadStack, EXIT_KIND_SHIFT,
+    counter, end_reason, event_kind, state, FunctionState, ThreadExitEvent, ThreadStack,
+    EXIT_KIND_SHIFT, GENERATION_SHIFT,
 };
 
 #[map]
@@ -55,8 +56,24 @@ static THREADS: HashMap<u32, ThreadStack> =
 #[map]
 static EMPTY_STACK: PerCpuArray<ThreadStack> = PerCpuArray::with_max_entries(1, 0);
 
+/// Values the agent changes while tracing (`omegi_common::state`).
+#[map]
+static STATE: Array<u32> = Array::with_max_entries(state::COUNT, 0);
+
+/// Per-function counts and rules, indexed by function id; sized by the agent
+/// to its function table and mapped into its memory.
+#[map]
+static FUNCTIONS: Array<FunctionState> =
+    Array::with_max_entries(1, aya_ebpf::bindings::BPF_F_MMAPABLE);
+
 #[no_mangle]
 static SPLIT_AFTER_NS: Global<u64> = Global::new(0);
+
+#[no_mangle]
+static MIN_DURATION_NS: Global<u64> = Global::new(0);
+
+#[no_mangle]
+static BUDGET_SHORT_NS: Global<u64> = Global::new(0);
 
 #[no_mangle]
 static ALL_PROCESSES: Global<u8> = Global::new(0);
@@ -64,11 +81,18 @@ static ALL_PROCESSES: Global<u8> = Global::new(0);
 #[no_mangle]
 static FORK_CHILD_PID_OFFSET: Global<u32> = Global::new(44);
 
+// The three function probes below are loaded twice: by aya, for links of
+// one probe each, and by the agent itself with the `uprobe_multi` attach
+// type, for links of many probes (attach/multi.rs). The code is the same.
+
 #[uprobe]
 pub fn omegi_entry(ctx: ProbeContext) -> u32 {
-    let fn_id = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    if !current_generation(cookie) {
+        return 0;
+    }
     let regs = unsafe { &*ctx.regs };
-    stack::on_entry(&ctx, fn_id, regs.rsp, regs.rip);
+    stack::on_entry(&ctx, cookie as u32, regs.rsp, regs.rip);
     0
 }
 
@@ -76,7 +100,10 @@ pub fn omegi_entry(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn omegi_exit(ctx: ProbeContext) -> u32 {
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
-    let reason = (cookie >> EXIT_KIND_SHIFT) as u32;
+    if !current_generation(cookie) {
+        return 0;
+    }
+    let reason = (cookie >> EXIT_KIND_SHIFT) as u32 & 0xff;
     let regs = unsafe { &*ctx.regs };
     stack::on_exit(regs.rsp, reason, regs.rax);
     0
@@ -85,9 +112,22 @@ pub fn omegi_exit(ctx: ProbeContext) -> u32 {
 /// The kernel's return probe: `ret` has already popped the return address.
 #[uretprobe]
 pub fn omegi_uretprobe(ctx: RetProbeContext) -> u32 {
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    if !current_generation(cookie) {
+        return 0;
+    }
     let regs = unsafe { &*ctx.regs };
     stack::on_exit(regs.rsp.wrapping_sub(8), end_reason::RETURNED, regs.rax);
     0
+}
+
+/// Whether a function probe belongs to the probe set in use (see
+/// `GENERATION_SHIFT`).
+#[inline(always)]
+fn current_generation(cookie: u64) -> bool {
+    let generation = ((cookie >> GENERATION_SHIFT) & 0xff) as u32;
+    let current = STATE.get(state::GENERATION).copied().unwrap_or(0);
+    generation == current
 }
 
 /// `sched/sched_process_fork`: runs in the parent; follows children of traced
