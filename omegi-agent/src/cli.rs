@@ -124,10 +124,11 @@ pub struct Cli {
     #[arg(long, default_value = "0", value_name = "DURATION")]
     pub min_duration: String,
 
-    /// Detach, while tracing, any function called more than CALLS times a
-    /// second for less than DURATION each (on average): such a function costs
-    /// the program more in probes than it does in work. Each one is named in
-    /// a warning and in the summary. 'off' never detaches.
+    /// Detach, while tracing, any function with more than CALLS calls a
+    /// second that each last less than DURATION (measured between its
+    /// probes): such a function costs the program more in probes than it
+    /// does in work. Each one is named in a warning and in the summary. 'off'
+    /// never detaches.
     #[arg(long, default_value = "100000,1us", value_name = "CALLS,DURATION|off")]
     pub overhead_budget: String,
 
