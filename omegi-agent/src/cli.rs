@@ -138,6 +138,11 @@ pub struct Cli {
     #[arg(long, value_enum, default_value = "auto")]
     pub attach_mode: AttachMode,
 
+    /// Thread stacks kept in array slots (found without hashing; a power of
+    /// two up to 1024); the others live in a hash map. For tests.
+    #[arg(long, default_value_t = omegi_common::THREAD_SLOTS, value_name = "N", hide = true)]
+    pub thread_slots: u32,
+
     /// Put each entry probe on the function's first instruction even when it
     /// is an endbr64 (single-stepped) followed by a cheaper one (for
     /// measuring what probe placement buys).

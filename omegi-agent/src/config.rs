@@ -103,6 +103,7 @@ impl Config {
             debug_ebpf: cli.debug_ebpf,
             min_duration: parse_duration("--min-duration", &cli.min_duration)?,
             budget_short: budget.map_or(Duration::ZERO, |budget| budget.mean_duration),
+            thread_slots: parse_thread_slots(cli.thread_slots)?,
             attach_mode: cli.attach_mode,
         };
         Ok(Self {
@@ -277,6 +278,18 @@ fn parse_ring_size(value: &str) -> Result<u32, ConfigError> {
     }
 }
 
+fn parse_thread_slots(slots: u32) -> Result<u32, ConfigError> {
+    if slots == 0 || (slots.is_power_of_two() && slots <= omegi_common::THREAD_SLOTS) {
+        Ok(slots)
+    } else {
+        Err(ConfigError {
+            name: "--thread-slots",
+            value: slots.to_string(),
+            expected: format!("0 or a power of two up to {}", omegi_common::THREAD_SLOTS),
+        })
+    }
+}
+
 fn positive(name: &'static str, value: usize) -> Result<usize, ConfigError> {
     if value == 0 {
         Err(ConfigError {
@@ -352,6 +365,15 @@ mod tests {
             error.contains("OMEGI_ERROR_IF") && error.contains("GLOB:ret"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn thread_slots() {
+        assert_eq!(parse_thread_slots(0).unwrap(), 0);
+        assert_eq!(parse_thread_slots(1).unwrap(), 1);
+        assert_eq!(parse_thread_slots(1024).unwrap(), 1024);
+        assert!(parse_thread_slots(3).is_err());
+        assert!(parse_thread_slots(2048).is_err());
     }
 
     #[test]

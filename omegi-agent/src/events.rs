@@ -219,14 +219,25 @@ pub fn hand_on(trace: Trace, dispatcher: &Dispatcher, stats: &ReaderStats) {
 /// The calls still on traced threads' stacks, outermost first per thread.
 pub fn calls_in_flight(maps: &KernelMaps) -> Vec<(u32, u32, Frame)> {
     let mut frames = Vec::new();
-    for entry in maps.threads.iter() {
-        let Ok((tid, stack)) = entry else { continue };
+    let mut add = |tid: u32, stack: &omegi_common::ThreadStack| {
         let depth = (stack.depth as usize).min(stack.frames.len());
         frames.extend(
             stack.frames[..depth]
                 .iter()
                 .map(|frame| (stack.tgid, tid, *frame)),
         );
+    };
+    for entry in maps.threads.iter() {
+        let Ok((tid, stack)) = entry else { continue };
+        add(tid, &stack);
+    }
+    for index in 0..maps.thread_slots.len() {
+        let Ok(stack) = maps.thread_slots.get(&index, 0) else {
+            continue;
+        };
+        if stack.owner != 0 {
+            add(stack.owner, &stack);
+        }
     }
     frames
 }

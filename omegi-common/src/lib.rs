@@ -10,6 +10,12 @@
 /// traced and are counted in [`counter::DEPTH_OVERFLOW`].
 pub const MAX_DEPTH: usize = 64;
 
+/// Slots of the `THREAD_SLOTS` array (a power of two): a thread's stack
+/// lives in slot `tid % THREAD_SLOTS` when that slot is free at its first
+/// traced call, in the `THREADS` hash map otherwise. An array slot is found
+/// without hashing, which saves about 50 ns a probe hit.
+pub const THREAD_SLOTS: u32 = 1024;
+
 /// An exit probe's cookie is `(end_reason << EXIT_KIND_SHIFT) | fn_id`.
 pub const EXIT_KIND_SHIFT: u64 = 32;
 
@@ -275,7 +281,8 @@ pub struct ThreadStack {
     /// 1 between a throw (or panic) and its catch: frames left in that time
     /// were unwound, even one at the same stack address as a new call.
     pub unwinding: u32,
-    pub _pad: u32,
+    /// The thread id whose stack this is; 0 for a free `THREAD_SLOTS` slot.
+    pub owner: u32,
     /// Where the thread's span ids go on from (random at its first call).
     pub next_id: u64,
     pub frames: [Frame; MAX_DEPTH],
@@ -324,6 +331,9 @@ pub mod globals {
     /// `u64`: calls shorter than this count as short for the overhead
     /// budget (`FunctionState::short_calls`); 0 counts none.
     pub const BUDGET_SHORT_NS: &str = "BUDGET_SHORT_NS";
+    /// `u32`: how many `THREAD_SLOTS` slots are used (a power of two, at
+    /// most `THREAD_SLOTS`; 0 keeps every stack in the hash map).
+    pub const THREAD_SLOTS_USED: &str = "THREAD_SLOTS_USED";
 }
 
 /// Names of the programs and maps in the eBPF object.
@@ -344,6 +354,7 @@ pub mod names {
     pub const MAP_COUNTERS: &str = "COUNTERS";
     pub const MAP_TGIDS: &str = "TGIDS";
     pub const MAP_THREADS: &str = "THREADS";
+    pub const MAP_THREAD_SLOTS: &str = "THREAD_SLOTS";
     pub const MAP_STATE: &str = "STATE";
     pub const MAP_FUNCTIONS: &str = "FUNCTIONS";
 }

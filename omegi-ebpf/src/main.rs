@@ -47,10 +47,20 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 static TGIDS: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0);
 
 /// Shadow stacks by thread id, created at a thread's first traced call and
-/// removed when the thread exits.
+/// removed when the thread exits, for threads whose `THREAD_SLOTS` slot was
+/// taken (see `stack::thread_stack`).
 #[map]
 static THREADS: HashMap<u32, ThreadStack> =
     HashMap::with_max_entries(16384, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+/// Shadow stacks in slot `tid % THREAD_SLOTS`, owned by `ThreadStack::owner`.
+#[map]
+static THREAD_SLOTS: Array<ThreadStack> = Array::with_max_entries(omegi_common::THREAD_SLOTS, 0);
+
+/// Who holds each `THREAD_SLOTS` slot (slot → tid): inserting with
+/// BPF_NOEXIST is the atomic claim.
+#[map]
+static SLOT_CLAIMS: HashMap<u32, u32> = HashMap::with_max_entries(omegi_common::THREAD_SLOTS, 0);
 
 /// An all-zero stack to insert from: a `ThreadStack` is too large for the BPF stack.
 #[map]
@@ -74,6 +84,9 @@ static MIN_DURATION_NS: Global<u64> = Global::new(0);
 
 #[no_mangle]
 static BUDGET_SHORT_NS: Global<u64> = Global::new(0);
+
+#[no_mangle]
+static THREAD_SLOTS_USED: Global<u32> = Global::new(omegi_common::THREAD_SLOTS);
 
 #[no_mangle]
 static ALL_PROCESSES: Global<u8> = Global::new(0);
@@ -150,11 +163,10 @@ pub fn omegi_fork(ctx: TracePointContext) -> u32 {
 pub fn omegi_task_exit(_ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    if let Some(stack) = THREADS.get_ptr_mut(&tid) {
-        let stack = unsafe { &mut *stack };
+    if let Some(stack) = stack::thread_stack(tid) {
         let now = unsafe { bpf_ktime_get_ns() };
         stack::close_frames_above(stack, u64::MAX, now, tid, end_reason::THREAD_EXIT);
-        let _ = THREADS.remove(&tid);
+        stack::free_thread_stack(stack, tid);
         match EVENTS.reserve::<ThreadExitEvent>(0) {
             Some(mut entry) => {
                 entry.write(ThreadExitEvent {

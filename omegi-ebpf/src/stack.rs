@@ -12,7 +12,7 @@ use omegi_common::{
 
 use crate::{
     count, traced_thread, BUDGET_SHORT_NS, EMPTY_STACK, EVENTS, FUNCTIONS, MIN_DURATION_NS,
-    SPLIT_AFTER_NS, THREADS,
+    SLOT_CLAIMS, SPLIT_AFTER_NS, THREADS, THREAD_SLOTS, THREAD_SLOTS_USED,
 };
 
 /// A traced function was entered: `sp` is `rsp` at its first instruction
@@ -21,9 +21,9 @@ use crate::{
 pub fn on_entry<C: EbpfContext>(ctx: &C, fn_id: u32, sp: u64, ip: u64) {
     let tid = bpf_get_current_pid_tgid() as u32;
     // A thread has a stack only if its process is traced: in the steady
-    // state one hash lookup finds both.
-    let stack = match THREADS.get_ptr_mut(&tid) {
-        Some(stack) => unsafe { &mut *stack },
+    // state one lookup finds both.
+    let stack = match thread_stack(tid) {
+        Some(stack) => stack,
         None => {
             let Some((tgid, tid)) = traced_thread() else {
                 return;
@@ -79,10 +79,9 @@ pub fn on_entry<C: EbpfContext>(ctx: &C, fn_id: u32, sp: u64, ip: u64) {
 pub fn on_exit(sp: u64, reason: u32, ret: u64) {
     let tid = bpf_get_current_pid_tgid() as u32;
     // No stack: the thread made no traced call, or its process is not traced.
-    let Some(stack) = THREADS.get_ptr_mut(&tid) else {
+    let Some(stack) = thread_stack(tid) else {
         return;
     };
-    let stack = unsafe { &mut *stack };
     let now = unsafe { bpf_ktime_get_ns() };
     // Frames below the one being left were left without a return.
     close_frames_below(stack, sp, now, tid);
@@ -225,16 +224,78 @@ fn emit_span(frame: &Frame, depth: u32, end_ns: u64, reason: u32, tgid: u32, tid
     entry.submit(BPF_RB_NO_WAKEUP as u64);
 }
 
-/// Creates the stack of a thread making its first traced call.
+/// The stack of thread `tid`, if it has made traced calls: in its
+/// `THREAD_SLOTS` slot (an array index, no hashing) when it owns the slot,
+/// else in the `THREADS` hash map.
+#[inline(always)]
+pub fn thread_stack(tid: u32) -> Option<&'static mut ThreadStack> {
+    if let Some(slot) = slot_index(tid).and_then(|index| THREAD_SLOTS.get_ptr_mut(index)) {
+        let slot = unsafe { &mut *slot };
+        if slot.owner == tid {
+            return Some(slot);
+        }
+    }
+    THREADS.get_ptr_mut(&tid).map(|stack| unsafe { &mut *stack })
+}
+
+/// The slot of thread `tid`: `tid % THREAD_SLOTS_USED` (a power of two the
+/// agent may lower, for tests; 0 keeps every stack in the hash map).
+#[inline(always)]
+fn slot_index(tid: u32) -> Option<u32> {
+    let used = THREAD_SLOTS_USED.load();
+    (used != 0).then(|| tid & (used - 1))
+}
+
+/// Creates the stack of a thread making its first traced call: in its slot
+/// if no other thread holds it (claimed atomically in `SLOT_CLAIMS`), else
+/// in the hash map.
 #[inline(always)]
 fn new_thread_stack(tgid: u32, tid: u32) -> Option<&'static mut ThreadStack> {
+    if let Some(index) = slot_index(tid).filter(|index| {
+        SLOT_CLAIMS
+            .insert(index, &tid, BPF_NOEXIST as u64)
+            .is_ok()
+    }) {
+        if let Some(slot) = THREAD_SLOTS.get_ptr_mut(index) {
+            let slot = unsafe { &mut *slot };
+            slot.depth = 0;
+            slot.unwinding = 0;
+            slot.tgid = tgid;
+            slot.next_id = random_id();
+            // Last: from here on lookups find the slot.
+            slot.owner = tid;
+            return Some(slot);
+        }
+        let _ = SLOT_CLAIMS.remove(&index);
+    }
     let empty = EMPTY_STACK.get_ptr(0)?;
     // Fails only when the table is full (the lookup just found no stack).
     let _ = THREADS.insert(&tid, unsafe { &*empty }, BPF_NOEXIST as u64);
     let stack = unsafe { &mut *THREADS.get_ptr_mut(&tid)? };
     stack.tgid = tgid;
+    stack.owner = tid;
     stack.next_id = random_id();
     Some(stack)
+}
+
+/// A thread exits: its stack (already emptied) goes, and its slot is free.
+#[inline(always)]
+pub fn free_thread_stack(stack: &mut ThreadStack, tid: u32) {
+    let slot = slot_index(tid).filter(|&index| {
+        THREAD_SLOTS
+            .get_ptr(index)
+            .is_some_and(|slot| core::ptr::eq(slot, stack))
+    });
+    match slot {
+        Some(index) => {
+            stack.depth = 0;
+            stack.owner = 0;
+            let _ = SLOT_CLAIMS.remove(&index);
+        }
+        None => {
+            let _ = THREADS.remove(&tid);
+        }
+    }
 }
 
 /// A span id: the thread's counter, advanced by the golden ratio and mixed

@@ -184,3 +184,30 @@ fn the_overhead_budget_detaches_a_hot_function_and_keeps_the_others() {
         assert!(!traced.stderr.contains("dropped:"), "{}", traced.stderr);
     }
 }
+
+#[test]
+fn thread_stacks_in_slots_and_in_the_hash_map_trace_alike() {
+    // Default: every thread in its own array slot; 1: the first thread in
+    // the slot, the others in the hash map; 0: all in the hash map.
+    let calls = fixtures::build("c/calls.c", Linking::Pie);
+    let caught = fixtures::build("cpp/errors_caught.cpp", Linking::Pie);
+    let summary = |traced: &Traced| {
+        let shapes: Vec<String> = traces(&traced.spans).iter().map(|t| t.shape()).collect();
+        let errors: Vec<(String, Vec<String>)> = omegi_tests::spans::exceptions(&traced.spans)
+            .into_iter()
+            .map(|(span, event)| (span.name.clone(), event.flow()))
+            .collect();
+        (traced.status.code(), shapes, errors)
+    };
+    for exe in [&calls, &caught] {
+        let reference = summary(&agent().trace(exe, &[] as &[&str], &[]));
+        assert!(!reference.1.is_empty());
+        for slots in ["1", "0"] {
+            let traced = agent().trace(exe, &[] as &[&str], &["--thread-slots", slots]);
+            for trace in traces(&traced.spans) {
+                trace.check_well_formed();
+            }
+            assert_eq!(summary(&traced), reference, "--thread-slots {slots}");
+        }
+    }
+}

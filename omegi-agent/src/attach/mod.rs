@@ -129,6 +129,8 @@ pub struct KernelOptions {
     /// Calls shorter than this count as short for the overhead budget; zero
     /// when there is no budget.
     pub budget_short: Duration,
+    /// Thread stack slots used (`omegi_common::globals::THREAD_SLOTS_USED`).
+    pub thread_slots: u32,
     /// How function probes are linked (`--attach-mode`).
     pub attach_mode: AttachMode,
     /// See `SPLIT_AFTER_NS` in `omegi-common`.
@@ -146,6 +148,7 @@ pub struct KernelMaps {
     pub events: RingBuf<MapData>,
     pub counters: PerCpuArray<MapData, u64>,
     pub threads: BpfHashMap<MapData, u32, ThreadStack>,
+    pub thread_slots: Array<MapData, ThreadStack>,
     /// Kernel-side diagnostics, with `--debug-ebpf`.
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
@@ -239,6 +242,7 @@ impl Probes {
             .override_global(globals::EXIT_CODE_OFFSET, &exit_code, true)
             .override_global(globals::MIN_DURATION_NS, &min_duration_ns, true)
             .override_global(globals::BUDGET_SHORT_NS, &budget_short_ns, true)
+            .override_global(globals::THREAD_SLOTS_USED, &options.thread_slots, true)
             .override_global("AYA_LOG_LEVEL", &log_level, false)
             .map_max_entries(names::MAP_EVENTS, options.ring_size)
             .map_max_entries(
@@ -313,6 +317,7 @@ impl Probes {
             events: take_map(&mut ebpf, names::MAP_EVENTS)?,
             counters: take_map(&mut ebpf, names::MAP_COUNTERS)?,
             threads: take_map(&mut ebpf, names::MAP_THREADS)?,
+            thread_slots: take_map(&mut ebpf, names::MAP_THREAD_SLOTS)?,
             logger,
         };
         let tgids = take_map(&mut ebpf, names::MAP_TGIDS)?;
