@@ -7,7 +7,8 @@ use std::{
     io::Write as _,
     os::fd::AsRawFd,
     path::PathBuf,
-    sync::{atomic::Ordering, Arc},
+    sync::{atomic::Ordering, Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context as _};
@@ -15,7 +16,8 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
     assembly::{Assembler, Clock},
-    attach::{Probes, ReturnMechanism},
+    attach::{FunctionCounters, Probes, ReturnMechanism},
+    budget::BudgetWatch,
     config::{Config, Target},
     discovery::{FunctionTable, ProbeCost},
     events::{self, KernelCounters, Reader, ReaderStats},
@@ -63,7 +65,10 @@ pub fn run(config: Config) -> anyhow::Result<Outcome> {
         }
     };
 
-    let table = FunctionTable::discover(&binary, &config.selection)?;
+    let mut table = FunctionTable::discover(&binary, &config.selection)?;
+    if config.entry_at_first_instruction {
+        table.probe_entries_at_first_instruction();
+    }
     if table.from_symbol_table {
         tracing::warn!(
             "{} has no DWARF debug info{}: tracing functions from the symbol table, without \
@@ -138,7 +143,13 @@ async fn trace(
     mechanism: ReturnMechanism,
     child: Option<GatedChild>,
 ) -> anyhow::Result<Outcome> {
-    let (mut probes, maps) = Probes::load(&config.kernel)?;
+    let (mut probes, maps, counters) = Probes::load(&config.kernel, table.functions.len())?;
+    let rules = crate::assembly::rules::for_functions(&table, &config.error_rules);
+    // The kernel side needs the rules too: --min-duration keeps failing calls.
+    for (id, rule) in &rules {
+        let (op, wide, value) = rule.kernel_form();
+        counters.set_rule(*id, op, wide, value);
+    }
     let report = probes.attach_functions(&table, &attach_path, mechanism)?;
     let running_pid = match config.target {
         Target::Pid(pid) => Some(pid),
@@ -147,12 +158,18 @@ async fn trace(
     let error_hooks = probes.attach_error_hooks(&table, &attach_path, running_pid);
     tracing::debug!("{error_hooks} probes on the language runtime's error path");
     tracing::info!(
-        "tracing {} functions of {} ({} entry and {} exit probes; returns by {})",
+        "tracing {} functions of {} ({} entry and {} exit probes; returns by {}; attached in {:.1} ms{})",
         report.functions,
         table.binary.display(),
         report.entry_probes,
         report.exit_probes,
         mechanism.as_str(),
+        report.took.as_secs_f64() * 1e3,
+        if report.multi {
+            " with uprobe_multi links"
+        } else {
+            ", one link per probe"
+        },
     );
 
     let table = Arc::new(table);
@@ -163,7 +180,6 @@ async fn trace(
     });
     let exporters = Exporters::start(&config, context)?;
     let reader_stats = Arc::new(ReaderStats::default());
-    let rules = crate::assembly::rules::for_functions(&table, &config.error_rules);
     let assembler = Assembler::new(
         Clock::now(),
         config.max_trace_spans,
@@ -194,12 +210,23 @@ async fn trace(
             }
         })
     });
+    let probes = Arc::new(Mutex::new(probes));
+    let detached = Arc::new(Mutex::new(Vec::new()));
+    let budget_task = config.budget.map(|budget| {
+        tokio::spawn(watch_budget(
+            BudgetWatch::new(budget),
+            Arc::clone(&probes),
+            counters,
+            Arc::clone(&table),
+            Arc::clone(&detached),
+        ))
+    });
 
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let ending = match (&config.target, child) {
         (Target::Command(_), Some(child)) => {
-            probes.trace_process(child.pid())?;
+            lock(&probes).trace_process(child.pid())?;
             let pid = child.release()?;
             let mut waiting = tokio::task::spawn_blocking(move || process::wait_child(pid));
             let mut signals_seen = 0;
@@ -229,7 +256,7 @@ async fn trace(
         }
         (Target::Pid(pid), _) => {
             let pid = *pid;
-            probes.trace_process(pid)?;
+            lock(&probes).trace_process(pid)?;
             if !process::is_alive(pid) {
                 return Err(ProcessError::ExitedDuringAttach(pid).into());
             }
@@ -240,7 +267,7 @@ async fn trace(
             }
         }
         _ => {
-            probes.trace_all_processes()?;
+            lock(&probes).trace_all_processes()?;
             tokio::select! {
                 _ = interrupt.recv() => Ending::Interrupted,
                 _ = terminate.recv() => Ending::Interrupted,
@@ -251,8 +278,20 @@ async fn trace(
     // Shutdown: stop recording at once (removing probes one by one would
     // leave calls half seen), detach, drain, then what is still running,
     // then let the exporters write out everything they hold.
-    probes.stop_tracing();
-    probes.detach();
+    if let Some(task) = budget_task {
+        task.abort();
+        let _ = task.await;
+    }
+    let detaching = Instant::now();
+    {
+        let mut probes = lock(&probes);
+        probes.stop_tracing();
+        probes.detach();
+    }
+    tracing::debug!(
+        "probes removed in {:.1} ms",
+        detaching.elapsed().as_secs_f64() * 1e3
+    );
     let (maps, mut assembler) = reader.stop();
     let in_flight = events::calls_in_flight(&maps);
     for trace in assembler.finish_all(&in_flight, events::now_ns()) {
@@ -271,11 +310,70 @@ async fn trace(
     }
 
     report_summary(&reader_stats, &counters, &exporter_stats, in_flight.len());
+    let detached = lock(&detached);
+    if !detached.is_empty() {
+        tracing::warn!(
+            "{} function{} detached by the overhead budget (--overhead-budget): {}",
+            detached.len(),
+            if detached.len() == 1 { "" } else { "s" },
+            detached.join(", ")
+        );
+    }
     Ok(match ending {
         Ending::ChildEnded(ExitKind::Code(code)) => Outcome::Exit(code),
         Ending::ChildEnded(ExitKind::Signal(signal)) => Outcome::Signal(signal),
         Ending::TargetExited | Ending::Interrupted => Outcome::Exit(0),
     })
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Once a second, detaches the functions over the overhead budget.
+async fn watch_budget(
+    mut watch: BudgetWatch,
+    probes: Arc<Mutex<Probes>>,
+    counters: FunctionCounters,
+    table: Arc<FunctionTable>,
+    detached: Arc<Mutex<Vec<String>>>,
+) {
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = Instant::now();
+    loop {
+        ticks.tick().await;
+        let now = Instant::now();
+        let hot = watch.check(counters.read(), now - last);
+        last = now;
+        if hot.is_empty() {
+            continue;
+        }
+        let ids: Vec<u32> = hot.iter().map(|function| function.id).collect();
+        let result = tokio::task::block_in_place(|| lock(&probes).detach_functions(&ids));
+        if let Err(error) = result {
+            tracing::warn!("could not detach functions over the overhead budget: {error}");
+            continue;
+        }
+        for function in hot {
+            let name = table
+                .get(function.id)
+                .map_or_else(|| format!("#{}", function.id), |f| f.name.clone());
+            tracing::warn!(
+                "detached {name}: {:.0} calls/s, {:.0}% of them shorter than {} (mean {:.2} µs), \
+                 is over the overhead budget of {}: its probes cost the program more than its \
+                 work (--overhead-budget off keeps it)",
+                function.calls_per_second,
+                function.short_share * 100.0,
+                humantime::format_duration(watch.budget().mean_duration),
+                function.mean_ns / 1e3,
+                watch.budget(),
+            );
+            lock(&detached).push(name);
+        }
+    }
 }
 
 fn report_summary(
@@ -315,6 +413,13 @@ fn report_summary(
             "{} calls not traced: thread table full",
             kernel.threads_full
         ));
+    }
+    if kernel.filtered > 0 {
+        let _ = write!(
+            line,
+            ", {} calls shorter than --min-duration left out (by choice, not lost)",
+            kernel.filtered
+        );
     }
     if load(&reader.malformed) > 0 {
         lost.push(format!("{} unreadable events", load(&reader.malformed)));

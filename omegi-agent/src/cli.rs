@@ -6,7 +6,7 @@ use std::{ffi::OsString, path::PathBuf};
 
 use clap::{ArgGroup, Parser, ValueEnum};
 
-use crate::attach::ReturnProbes;
+use crate::attach::{AttachMode, ReturnProbes};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -110,7 +110,7 @@ pub struct Cli {
 
     /// Traces waiting for each exporter; when full, traces are dropped and
     /// counted.
-    #[arg(long, default_value_t = 4096, value_name = "N")]
+    #[arg(long, default_value_t = 16384, value_name = "N")]
     pub queue_size: usize,
 
     /// Size of the kernel-to-agent ring buffer (power of two).
@@ -145,6 +145,38 @@ pub struct Cli {
 
     #[command(flatten)]
     pub kafka: crate::export::kafka::options::KafkaArgs,
+
+    /// Leave out calls shorter than DURATION (e.g. 10us), decided in the
+    /// kernel. Calls on an error path (unwound, ended by the thread's exit,
+    /// failing an --error-if rule) and every caller of a kept call are always
+    /// kept; the calls left out are counted in the summary. 0 keeps all.
+    #[arg(long, default_value = "0", value_name = "DURATION")]
+    pub min_duration: String,
+
+    /// Detach, while tracing, any function with more than CALLS calls a
+    /// second that each last less than DURATION (measured between its
+    /// probes): such a function costs the program more in probes than it
+    /// does in work. Each one is named in a warning and in the summary. 'off'
+    /// never detaches.
+    #[arg(long, default_value = "100000,1us", value_name = "CALLS,DURATION|off")]
+    pub overhead_budget: String,
+
+    /// How function probes are linked to the kernel: uprobe_multi links
+    /// (Linux 6.6+; thousands of probes in one call), one link per probe,
+    /// or auto (multi where the kernel has it).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub attach_mode: AttachMode,
+
+    /// Thread stacks kept in array slots (found without hashing; a power of
+    /// two up to 1024); the others live in a hash map. For tests.
+    #[arg(long, default_value_t = omegi_common::THREAD_SLOTS, value_name = "N", hide = true)]
+    pub thread_slots: u32,
+
+    /// Put each entry probe on the function's first instruction even when it
+    /// is an endbr64 (single-stepped) followed by a cheaper one (for
+    /// measuring what probe placement buys).
+    #[arg(long, hide = true)]
+    pub entry_at_first_instruction: bool,
 
     /// Show the eBPF programs' own diagnostics.
     #[arg(long)]

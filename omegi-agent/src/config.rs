@@ -7,6 +7,7 @@ use std::{ffi::OsString, path::PathBuf, time::Duration};
 use crate::{
     assembly::ReturnRule,
     attach::{KernelOptions, ReturnProbes},
+    budget::Budget,
     cli::{Cli, ConsoleFormat},
     discovery::Selection,
     export::kafka::options::KafkaOptions,
@@ -94,6 +95,10 @@ pub struct Config {
     pub kafka: KafkaOptions,
     /// Print a stats line on stderr this often.
     pub stats_interval: Option<Duration>,
+    /// `--overhead-budget`: functions too hot for their probes are detached.
+    pub budget: Option<Budget>,
+    /// `--entry-at-first-instruction` (benchmarking probe placement).
+    pub entry_at_first_instruction: bool,
 }
 
 impl Config {
@@ -106,11 +111,20 @@ impl Config {
         };
         let split_after = parse_duration("--split-after", &cli.split_after)?;
         let exporters = parse_exporters(&cli.exporter)?;
+        let budget = Budget::parse(&cli.overhead_budget).map_err(|expected| ConfigError {
+            name: "--overhead-budget",
+            value: cli.overhead_budget.clone(),
+            expected,
+        })?;
         let kernel = KernelOptions {
             split_after,
             all_processes: matches!(target, Target::Binary(_)),
             ring_size: parse_ring_size(&cli.ring_size)?,
             debug_ebpf: cli.debug_ebpf,
+            min_duration: parse_duration("--min-duration", &cli.min_duration)?,
+            budget_short: budget.map_or(Duration::ZERO, |budget| budget.mean_duration),
+            thread_slots: parse_thread_slots(cli.thread_slots)?,
+            attach_mode: cli.attach_mode,
         };
         Ok(Self {
             target,
@@ -148,6 +162,8 @@ impl Config {
                     .filter(|interval| !interval.is_zero()),
                 None => None,
             },
+            budget,
+            entry_at_first_instruction: cli.entry_at_first_instruction,
         })
     }
 }
@@ -297,6 +313,18 @@ fn parse_ring_size(value: &str) -> Result<u32, ConfigError> {
     }
 }
 
+fn parse_thread_slots(slots: u32) -> Result<u32, ConfigError> {
+    if slots == 0 || (slots.is_power_of_two() && slots <= omegi_common::THREAD_SLOTS) {
+        Ok(slots)
+    } else {
+        Err(ConfigError {
+            name: "--thread-slots",
+            value: slots.to_string(),
+            expected: format!("0 or a power of two up to {}", omegi_common::THREAD_SLOTS),
+        })
+    }
+}
+
 fn positive(name: &'static str, value: usize) -> Result<usize, ConfigError> {
     if value == 0 {
         Err(ConfigError {
@@ -376,6 +404,15 @@ mod tests {
             error.contains("OMEGI_ERROR_IF") && error.contains("GLOB:ret"),
             "{error}"
         );
+    }
+
+    #[test]
+    fn thread_slots() {
+        assert_eq!(parse_thread_slots(0).unwrap(), 0);
+        assert_eq!(parse_thread_slots(1).unwrap(), 1);
+        assert_eq!(parse_thread_slots(1024).unwrap(), 1024);
+        assert!(parse_thread_slots(3).is_err());
+        assert!(parse_thread_slots(2048).is_err());
     }
 
     #[test]

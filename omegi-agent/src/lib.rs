@@ -16,12 +16,14 @@
 //! - [`assembly`]: ended calls become spans and traces.
 //! - [`export`]: traces leave the agent (console, Kafka, OTLP).
 //!
-//! [`process`] starts or watches the traced program and [`agent`] wires the
-//! stages together and owns shutdown.
+//! [`process`] starts or watches the traced program, [`budget`] detaches
+//! functions too hot for their probes, and [`agent`] wires the stages
+//! together and owns shutdown.
 
 pub mod agent;
 pub mod assembly;
 pub mod attach;
+pub mod budget;
 pub mod cli;
 pub mod config;
 pub mod discovery;

@@ -10,6 +10,12 @@
 /// traced and are counted in [`counter::DEPTH_OVERFLOW`].
 pub const MAX_DEPTH: usize = 64;
 
+/// Slots of the `THREAD_SLOTS` array (a power of two): a thread's stack
+/// lives in slot `tid % THREAD_SLOTS` when that slot is free at its first
+/// traced call, in the `THREADS` hash map otherwise. An array slot is found
+/// without hashing, which saves about 50 ns a probe hit.
+pub const THREAD_SLOTS: u32 = 1024;
+
 /// An exit probe's cookie is `(end_reason << EXIT_KIND_SHIFT) | fn_id`.
 pub const EXIT_KIND_SHIFT: u64 = 32;
 
@@ -23,6 +29,22 @@ pub const ENTRY_FLAGS_SHIFT: u64 = 32;
 /// once, for every probe, by emptying `TGIDS` before it detaches them one by
 /// one; otherwise the calls made while probes go would be half seen.
 pub const ALL_PROCESSES_KEY: u32 = 0;
+
+/// Every function probe's cookie also carries the generation of the probe
+/// set it belongs to, `(generation & 0xff) << GENERATION_SHIFT`. A probe runs
+/// only while its generation is the current one (`STATE[state::GENERATION]`):
+/// the agent replaces a set of probes (to drop a function from it) by
+/// attaching the new set, switching the generation, then closing the old set,
+/// so that no call is seen twice or missed.
+pub const GENERATION_SHIFT: u64 = 48;
+
+/// Indices into the `STATE` array (values the agent changes while tracing).
+pub mod state {
+    /// The current probe generation (see [`GENERATION_SHIFT`](super::GENERATION_SHIFT)).
+    pub const GENERATION: u32 = 0;
+    /// Number of entries.
+    pub const COUNT: u32 = 1;
+}
 
 /// Kinds of records in the events ring buffer. Every record starts with a
 /// `u32` holding one of these.
@@ -53,7 +75,7 @@ pub mod end_reason {
     pub const THREAD_EXIT: u32 = 4;
 }
 
-/// Flags of a [`SpanEvent`].
+/// Flags of a [`SpanEvent`] (and of a [`Frame`]).
 pub mod span_flags {
     /// The span starts a trace of its own (see `SpanEvent::trace_key`).
     pub const TRACE_ROOT: u32 = 1;
@@ -62,6 +84,64 @@ pub mod span_flags {
     /// its stack frame mean it was replaced; for a function whose every exit
     /// is probed, that frame was left by unwinding or `longjmp`.
     pub const OPEN_EXITS: u32 = 2;
+    /// Kernel side: a call under this frame was kept, so `--min-duration`
+    /// must keep this one too (a trace never loses the path to a kept span).
+    pub const KEEP: u32 = 4;
+}
+
+/// What the kernel side keeps per traced function (the `FUNCTIONS` array,
+/// indexed by function id, which the agent maps into its memory): counts for
+/// the overhead budget, and the function's `--error-if` rule, so that
+/// `--min-duration` never drops a failing call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FunctionState {
+    /// Calls that ended (kernel; plain increments, so two CPUs ending calls
+    /// of the function at the same instant may lose one).
+    pub calls: u64,
+    /// Their summed duration in ns (kernel).
+    pub total_ns: u64,
+    /// Those shorter than `BUDGET_SHORT_NS` (kernel).
+    pub short_calls: u64,
+    /// The return-value rule: one of [`rule_op`] (0: none), compared with
+    /// `rule_value` (agent).
+    pub rule_op: u32,
+    /// 1: compare all 64 bits of `rax`; 0: its low 32 bits, signed (agent).
+    pub rule_wide: u32,
+    pub rule_value: i64,
+}
+
+/// Comparison operators of a [`FunctionState`] rule.
+pub mod rule_op {
+    pub const NONE: u32 = 0;
+    pub const LESS: u32 = 1;
+    pub const LESS_EQUAL: u32 = 2;
+    pub const GREATER: u32 = 3;
+    pub const GREATER_EQUAL: u32 = 4;
+    pub const EQUAL: u32 = 5;
+    pub const NOT_EQUAL: u32 = 6;
+}
+
+impl FunctionState {
+    /// Whether `rax` fails the function's rule (false without a rule).
+    #[inline(always)]
+    pub fn rule_fails(&self, rax: u64) -> bool {
+        let value = if self.rule_wide != 0 {
+            rax as i64
+        } else {
+            rax as u32 as i32 as i64
+        };
+        let limit = self.rule_value;
+        match self.rule_op {
+            rule_op::LESS => value < limit,
+            rule_op::LESS_EQUAL => value <= limit,
+            rule_op::GREATER => value > limit,
+            rule_op::GREATER_EQUAL => value >= limit,
+            rule_op::EQUAL => value == limit,
+            rule_op::NOT_EQUAL => value != limit,
+            _ => false,
+        }
+    }
 }
 
 /// One traced call that ended, as the kernel saw it.
@@ -218,7 +298,10 @@ pub struct ThreadStack {
     /// 1 between a throw (or panic) and its catch: frames left in that time
     /// were unwound, even one at the same stack address as a new call.
     pub unwinding: u32,
-    pub _pad: u32,
+    /// The thread id whose stack this is; 0 for a free `THREAD_SLOTS` slot.
+    pub owner: u32,
+    /// Where the thread's span ids go on from (random at its first call).
+    pub next_id: u64,
     pub frames: [Frame; MAX_DEPTH],
 }
 
@@ -234,6 +317,9 @@ pub mod counter {
     /// Probed exits that matched no traced call (attached mid-call, or a
     /// frame already closed by evidence). Informational, not a loss.
     pub const UNMATCHED_EXIT: u32 = 3;
+    /// Calls shorter than `--min-duration` left out on purpose (a choice,
+    /// not a loss).
+    pub const FILTERED: u32 = 4;
     /// Number of counters.
     pub const COUNT: u32 = 8;
 }
@@ -259,6 +345,16 @@ pub mod globals {
     pub const SIGNAL_HANDLER_OFFSET: &str = "SIGNAL_HANDLER_OFFSET";
     /// `u32`: byte offset of `error_code` in `sys_enter_exit_group`.
     pub const EXIT_CODE_OFFSET: &str = "EXIT_CODE_OFFSET";
+    /// `u64`: calls that return (or tail-call) in less than this many ns are
+    /// not emitted, unless they are on an error path or a call under them
+    /// was kept (`--min-duration`). 0 keeps every call.
+    pub const MIN_DURATION_NS: &str = "MIN_DURATION_NS";
+    /// `u64`: calls shorter than this count as short for the overhead
+    /// budget (`FunctionState::short_calls`); 0 counts none.
+    pub const BUDGET_SHORT_NS: &str = "BUDGET_SHORT_NS";
+    /// `u32`: how many `THREAD_SLOTS` slots are used (a power of two, at
+    /// most `THREAD_SLOTS`; 0 keeps every stack in the hash map).
+    pub const THREAD_SLOTS_USED: &str = "THREAD_SLOTS_USED";
 }
 
 /// Names of the programs and maps in the eBPF object.
@@ -279,6 +375,9 @@ pub mod names {
     pub const MAP_COUNTERS: &str = "COUNTERS";
     pub const MAP_TGIDS: &str = "TGIDS";
     pub const MAP_THREADS: &str = "THREADS";
+    pub const MAP_THREAD_SLOTS: &str = "THREAD_SLOTS";
+    pub const MAP_STATE: &str = "STATE";
+    pub const MAP_FUNCTIONS: &str = "FUNCTIONS";
 }
 
 #[cfg(feature = "user")]
@@ -293,3 +392,6 @@ unsafe impl aya::Pod for ThreadExitEvent {}
 #[cfg(feature = "user")]
 // SAFETY: as above.
 unsafe impl aya::Pod for ThreadStack {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for FunctionState {}

@@ -17,7 +17,7 @@ use omegi_common::{
     MAX_DEPTH,
 };
 
-use crate::{count, stack, traced_thread, EVENTS, THREADS};
+use crate::{count, stack, traced_thread, EVENTS};
 
 #[no_mangle]
 static SIGNAL_SIG_OFFSET: Global<u32> = Global::new(8);
@@ -91,10 +91,10 @@ pub fn omegi_rust_panic_message(ctx: RetProbeContext) -> u32 {
     let Some((tgid, tid)) = traced_thread() else {
         return 0;
     };
-    let Some(stack) = THREADS.get_ptr(&tid) else {
+    let Some(stack) = stack::thread_stack(tid) else {
         return 0;
     };
-    if unsafe { (*stack).unwinding } == 0 {
+    if stack.unwinding == 0 {
         return 0;
     }
     let regs = unsafe { &*ctx.regs };
@@ -160,7 +160,7 @@ pub fn omegi_exit_group(ctx: TracePointContext) -> u32 {
 #[inline(always)]
 fn start_error(kind: u32, innermost_return: u64) -> Option<&'static mut ErrorEvent> {
     let (tgid, tid) = traced_thread()?;
-    let stack = unsafe { &mut *THREADS.get_ptr_mut(&tid)? };
+    let stack = stack::thread_stack(tid)?;
     if stack.depth == 0 {
         return None;
     }
@@ -182,10 +182,9 @@ fn on_catch(sp: u64, kind: u32) {
     let Some((tgid, tid)) = traced_thread() else {
         return;
     };
-    let Some(stack) = THREADS.get_ptr_mut(&tid) else {
+    let Some(stack) = stack::thread_stack(tid) else {
         return;
     };
-    let stack = unsafe { &mut *stack };
     if stack.unwinding == 0 {
         return;
     }

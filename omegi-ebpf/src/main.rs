@@ -27,13 +27,13 @@ mod stack;
 use aya_ebpf::{
     helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{map, tracepoint, uprobe, uretprobe},
-    maps::{HashMap, PerCpuArray, RingBuf},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
     EbpfContext, Global,
 };
 use omegi_common::{
-    counter, end_reason, event_kind, span_flags, ThreadExitEvent, ThreadStack, ALL_PROCESSES_KEY,
-    ENTRY_FLAGS_SHIFT, EXIT_KIND_SHIFT,
+    counter, end_reason, event_kind, span_flags, state, FunctionState, ThreadExitEvent,
+    ThreadStack, ALL_PROCESSES_KEY, ENTRY_FLAGS_SHIFT, EXIT_KIND_SHIFT, GENERATION_SHIFT,
 };
 
 #[map]
@@ -48,17 +48,46 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT
 static TGIDS: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0);
 
 /// Shadow stacks by thread id, created at a thread's first traced call and
-/// removed when the thread exits.
+/// removed when the thread exits, for threads whose `THREAD_SLOTS` slot was
+/// taken (see `stack::thread_stack`).
 #[map]
 static THREADS: HashMap<u32, ThreadStack> =
     HashMap::with_max_entries(16384, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+
+/// Shadow stacks in slot `tid % THREAD_SLOTS`, owned by `ThreadStack::owner`.
+#[map]
+static THREAD_SLOTS: Array<ThreadStack> = Array::with_max_entries(omegi_common::THREAD_SLOTS, 0);
+
+/// Who holds each `THREAD_SLOTS` slot (slot → tid): inserting with
+/// BPF_NOEXIST is the atomic claim.
+#[map]
+static SLOT_CLAIMS: HashMap<u32, u32> = HashMap::with_max_entries(omegi_common::THREAD_SLOTS, 0);
 
 /// An all-zero stack to insert from: a `ThreadStack` is too large for the BPF stack.
 #[map]
 static EMPTY_STACK: PerCpuArray<ThreadStack> = PerCpuArray::with_max_entries(1, 0);
 
+/// Values the agent changes while tracing (`omegi_common::state`).
+#[map]
+static STATE: Array<u32> = Array::with_max_entries(state::COUNT, 0);
+
+/// Per-function counts and rules, indexed by function id; sized by the agent
+/// to its function table and mapped into its memory.
+#[map]
+static FUNCTIONS: Array<FunctionState> =
+    Array::with_max_entries(1, aya_ebpf::bindings::BPF_F_MMAPABLE);
+
 #[no_mangle]
 static SPLIT_AFTER_NS: Global<u64> = Global::new(0);
+
+#[no_mangle]
+static MIN_DURATION_NS: Global<u64> = Global::new(0);
+
+#[no_mangle]
+static BUDGET_SHORT_NS: Global<u64> = Global::new(0);
+
+#[no_mangle]
+static THREAD_SLOTS_USED: Global<u32> = Global::new(omegi_common::THREAD_SLOTS);
 
 #[no_mangle]
 static ALL_PROCESSES: Global<u8> = Global::new(0);
@@ -71,13 +100,19 @@ static FORK_CHILD_PID_OFFSET: Global<u32> = Global::new(44);
 #[no_mangle]
 static EXIT_GROUP_DEAD_OFFSET: Global<u32> = Global::new(0);
 
+// The three function probes below are loaded twice: by aya, for links of
+// one probe each, and by the agent itself with the `uprobe_multi` attach
+// type, for links of many probes (attach/multi.rs). The code is the same.
+
 #[uprobe]
 pub fn omegi_entry(ctx: ProbeContext) -> u32 {
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
-    let fn_id = cookie as u32;
+    if !current_generation(cookie) {
+        return 0;
+    }
     let fn_flags = (cookie >> ENTRY_FLAGS_SHIFT) as u32 & span_flags::OPEN_EXITS;
     let regs = unsafe { &*ctx.regs };
-    stack::on_entry(&ctx, fn_id, fn_flags, regs.rsp, regs.rip);
+    stack::on_entry(&ctx, cookie as u32, fn_flags, regs.rsp, regs.rip);
     0
 }
 
@@ -85,7 +120,10 @@ pub fn omegi_entry(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn omegi_exit(ctx: ProbeContext) -> u32 {
     let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
-    let reason = (cookie >> EXIT_KIND_SHIFT) as u32;
+    if !current_generation(cookie) {
+        return 0;
+    }
+    let reason = (cookie >> EXIT_KIND_SHIFT) as u32 & 0xff;
     let regs = unsafe { &*ctx.regs };
     stack::on_exit(regs.rsp, reason, regs.rax);
     0
@@ -94,9 +132,22 @@ pub fn omegi_exit(ctx: ProbeContext) -> u32 {
 /// The kernel's return probe: `ret` has already popped the return address.
 #[uretprobe]
 pub fn omegi_uretprobe(ctx: RetProbeContext) -> u32 {
+    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    if !current_generation(cookie) {
+        return 0;
+    }
     let regs = unsafe { &*ctx.regs };
     stack::on_exit(regs.rsp.wrapping_sub(8), end_reason::RETURNED, regs.rax);
     0
+}
+
+/// Whether a function probe belongs to the probe set in use (see
+/// `GENERATION_SHIFT`).
+#[inline(always)]
+fn current_generation(cookie: u64) -> bool {
+    let generation = ((cookie >> GENERATION_SHIFT) & 0xff) as u32;
+    let current = STATE.get(state::GENERATION).copied().unwrap_or(0);
+    generation == current
 }
 
 /// `sched/sched_process_fork`: runs in the parent; follows children of traced
@@ -119,11 +170,10 @@ pub fn omegi_fork(ctx: TracePointContext) -> u32 {
 pub fn omegi_task_exit(ctx: TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    if let Some(stack) = THREADS.get_ptr_mut(&tid) {
-        let stack = unsafe { &mut *stack };
+    if let Some(stack) = stack::thread_stack(tid) {
         let now = unsafe { bpf_ktime_get_ns() };
         stack::close_frames_above(stack, u64::MAX, now, tid, end_reason::THREAD_EXIT);
-        let _ = THREADS.remove(&tid);
+        stack::free_thread_stack(stack, tid);
         match EVENTS.reserve::<ThreadExitEvent>(0) {
             Some(mut entry) => {
                 entry.write(ThreadExitEvent {

@@ -5,7 +5,10 @@
 //! - `build-ebpf`: builds the eBPF object alone.
 //! - `test`: setup, then every test.
 //! - `demo`: setup, then omegi tracing a bundled demo program.
+//! - `bench`: what omegi costs a traced program, against bpftrace; writes
+//!   `BENCHMARKS.md`.
 
+mod bench;
 mod setup;
 
 use std::{
@@ -38,6 +41,19 @@ enum Task {
     },
     /// Set up, then trace the bundled demo program and print its call trees.
     Demo,
+    /// Measure what omegi costs a traced program, side by side with bpftrace
+    /// (the kernel's floor), and write BENCHMARKS.md (needs root).
+    Bench {
+        /// Repetitions of each timed configuration (medians are reported).
+        #[arg(long, default_value_t = 5)]
+        reps: usize,
+        /// A shorter run: fewer calls, rates and functions.
+        #[arg(long)]
+        quick: bool,
+        /// Where to write the report.
+        #[arg(long, default_value = "BENCHMARKS.md")]
+        output: PathBuf,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -46,6 +62,19 @@ fn main() -> std::process::ExitCode {
         Task::BuildEbpf => build_ebpf(),
         Task::Test { args } => test(&args),
         Task::Demo => demo(),
+        Task::Bench {
+            reps,
+            quick,
+            output,
+        } => bench::bench(&bench::Options {
+            reps,
+            quick,
+            output: if output.is_absolute() {
+                output
+            } else {
+                root().join(output)
+            },
+        }),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -73,7 +102,7 @@ pub fn run(command: &mut Command) -> Result<()> {
     Ok(())
 }
 
-fn cargo() -> Command {
+pub fn cargo() -> Command {
     let mut command = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
     command.current_dir(root());
     command
@@ -101,7 +130,7 @@ fn build_ebpf() -> Result<()> {
     Ok(())
 }
 
-fn require_root(task: &str) -> Result<()> {
+pub fn require_root(task: &str) -> Result<()> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { geteuid() } != 0 {
         bail!("`cargo xtask {task}` attaches real uprobes and needs root: run `sudo -E cargo xtask {task}`");

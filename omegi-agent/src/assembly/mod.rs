@@ -214,7 +214,6 @@ fn read_clock(clock: libc::clockid_t) -> u64 {
 
 struct PendingTrace {
     trace_id: u128,
-    tid: u32,
     spans: Vec<Span>,
     last_activity: Instant,
     /// Set when an error that touched this trace ended while its root runs.
@@ -223,7 +222,7 @@ struct PendingTrace {
 
 /// Builds traces from kernel events.
 pub struct Assembler {
-    pending: HashMap<u64, PendingTrace>,
+    pending: HashMap<u64, PendingTrace, BuildIdHasher>,
     clock: Clock,
     max_trace_spans: usize,
     flow_rate: u32,
@@ -250,7 +249,7 @@ impl Assembler {
         rules: HashMap<u32, ReturnRule>,
     ) -> Self {
         Self {
-            pending: HashMap::new(),
+            pending: HashMap::default(),
             clock,
             max_trace_spans: max_trace_spans.max(1),
             flow_rate,
@@ -279,7 +278,10 @@ impl Assembler {
             status: Status::Unset,
         };
 
-        if let Some(error) = self.thread_errors.get_mut(&event.tid) {
+        if let Some(error) = (!self.thread_errors.is_empty())
+            .then(|| self.thread_errors.get_mut(&event.tid))
+            .flatten()
+        {
             if error.claims(span.end) {
                 span.status = Status::Error(error.info.description());
                 error.add_step(event.fn_id, event.span_id, event.trace_key);
@@ -288,7 +290,7 @@ impl Assembler {
                 ready.extend(self.resolve(event.tid));
             }
         }
-        if span.end == SpanEnd::Returned {
+        if span.end == SpanEnd::Returned && !self.rules.is_empty() {
             if let Some(rule) = self.rules.get(&event.fn_id) {
                 if rule.fails(event.ret) {
                     let info = errors::return_value_error(
@@ -361,32 +363,41 @@ impl Assembler {
     }
 
     fn add(&mut self, trace_key: u64, span: Span, is_root: bool) -> Option<Trace> {
-        let tid = span.tid;
+        if is_root {
+            let tid = span.tid;
+            // A root ends its trace; one that called nothing traced never
+            // had a pending entry (the common case of a hot leaf function).
+            let (trace_id, spans) = match self.pending.remove(&trace_key) {
+                Some(mut pending) => {
+                    pending.spans.push(span);
+                    (pending.trace_id, pending.spans)
+                }
+                None => (new_trace_id(), vec![span]),
+            };
+            let trace = self.finish(trace_key, trace_id, spans, true);
+            let error_in_flight = !self.thread_errors.is_empty()
+                && self
+                    .thread_errors
+                    .get(&tid)
+                    .is_some_and(|error| error.touched.contains(&trace_key));
+            if error_in_flight {
+                self.parked.push((tid, trace_key, trace));
+                return None;
+            }
+            return Some(trace);
+        }
+        let now = Instant::now();
         let pending = self
             .pending
             .entry(trace_key)
             .or_insert_with(|| PendingTrace {
                 trace_id: new_trace_id(),
-                tid,
                 spans: Vec::new(),
-                last_activity: Instant::now(),
+                last_activity: now,
                 error_since: None,
             });
         pending.spans.push(span);
-        pending.last_activity = Instant::now();
-        if is_root {
-            let pending = self.pending.remove(&trace_key)?;
-            let trace = self.finish(trace_key, pending.trace_id, pending.spans, true);
-            let error_in_flight = self
-                .thread_errors
-                .get(&pending.tid)
-                .is_some_and(|error| error.touched.contains(&trace_key));
-            if error_in_flight {
-                self.parked.push((pending.tid, trace_key, trace));
-                return None;
-            }
-            return Some(trace);
-        }
+        pending.last_activity = now;
         if pending.spans.len() >= self.max_trace_spans {
             let trace_id = pending.trace_id;
             let spans = std::mem::take(&mut pending.spans);
@@ -518,13 +529,51 @@ impl Assembler {
     }
 
     fn finish(&mut self, key: u64, trace_id: u128, spans: Vec<Span>, complete: bool) -> Trace {
+        let errors = if self.trace_errors.is_empty() {
+            Vec::new()
+        } else {
+            self.trace_errors.remove(&key).unwrap_or_default()
+        };
         Trace {
             trace_id,
             spans,
             complete,
             sampled: is_sampled(trace_id, self.flow_rate),
-            errors: self.trace_errors.remove(&key).unwrap_or_default(),
+            errors,
         }
+    }
+}
+
+/// Hashes the pending traces' keys, which are span ids the kernel made
+/// random already: one multiplication instead of SipHash (assembly hashes
+/// one key per span).
+#[derive(Clone, Copy, Default)]
+pub struct BuildIdHasher;
+
+impl std::hash::BuildHasher for BuildIdHasher {
+    type Hasher = IdHasher;
+
+    fn build_hasher(&self) -> IdHasher {
+        IdHasher(0)
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+pub struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(byte)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 = (self.0 ^ value).wrapping_mul(0x9e37_79b9_7f4a_7c15);
     }
 }
 

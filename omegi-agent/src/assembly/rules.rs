@@ -138,6 +138,21 @@ impl ReturnRule {
         }
     }
 
+    /// The rule as the kernel side evaluates it (`omegi_common::FunctionState`):
+    /// operator, whether all 64 bits count, value.
+    pub fn kernel_form(&self) -> (u32, bool, i64) {
+        use omegi_common::rule_op;
+        let op = match self.op {
+            Op::Less => rule_op::LESS,
+            Op::LessEqual => rule_op::LESS_EQUAL,
+            Op::Greater => rule_op::GREATER,
+            Op::GreaterEqual => rule_op::GREATER_EQUAL,
+            Op::Equal => rule_op::EQUAL,
+            Op::NotEqual => rule_op::NOT_EQUAL,
+        };
+        (op, self.width == Width::Int64, self.value)
+    }
+
     /// Whether `rax` is a failure by this rule.
     pub fn fails(&self, rax: u64) -> bool {
         self.op.holds(self.value_of(rax), self.value)
@@ -227,5 +242,44 @@ mod tests {
             let error = ReturnRule::parse(bad).unwrap_err().to_string();
             assert!(error.contains("GLOB:ret"), "{bad}: {error}");
         }
+    }
+
+    #[test]
+    fn the_kernel_evaluates_rules_as_the_agent_does() {
+        let values = [
+            0u64,
+            1,
+            u64::from(u32::MAX),
+            0xffff_ffff_0000_0005,
+            7,
+            u64::MAX,
+        ];
+        for text in [
+            "f:ret<0",
+            "f:ret<=1",
+            "f:ret>5",
+            "f:ret>=7",
+            "f:ret==-1",
+            "f:ret!=0",
+            "f:ret64<0",
+            "f:ret64==0xffffffff",
+        ] {
+            let rule = ReturnRule::parse(text).unwrap();
+            let (op, wide, value) = rule.kernel_form();
+            let kernel = omegi_common::FunctionState {
+                rule_op: op,
+                rule_wide: u32::from(wide),
+                rule_value: value,
+                ..Default::default()
+            };
+            for rax in values {
+                assert_eq!(
+                    kernel.rule_fails(rax),
+                    rule.fails(rax),
+                    "{text} with {rax:#x}"
+                );
+            }
+        }
+        assert!(!omegi_common::FunctionState::default().rule_fails(0));
     }
 }

@@ -6,22 +6,30 @@
 //! no events on this kernel). Children of traced processes are added to the
 //! map by the `sched_process_fork` tracepoint.
 
+pub mod functions;
+pub mod multi;
 pub mod system;
 
-use std::{path::Path, time::Duration};
+use std::{
+    os::fd::{AsFd, OwnedFd},
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
 
 use aya::{
-    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
     programs::{
-        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeScope},
+        uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
         ProgramError, TracePoint, UProbe,
     },
     Ebpf, EbpfLoader,
 };
 use omegi_common::{
-    end_reason, error_kind, globals, names, span_flags, ThreadStack, ALL_PROCESSES_KEY,
-    ENTRY_FLAGS_SHIFT, EXIT_KIND_SHIFT,
+    end_reason, error_kind, globals, names, span_flags, state, ThreadStack, ALL_PROCESSES_KEY,
+    ENTRY_FLAGS_SHIFT, EXIT_KIND_SHIFT, GENERATION_SHIFT,
 };
+
+pub use functions::FunctionCounters;
 
 use crate::discovery::{ExitKind, Function, FunctionTable, RuntimeSymbol};
 
@@ -58,6 +66,10 @@ pub enum AttachError {
     UretprobeOnUnwinder(String),
     #[error("no probe could be attached to {binary}: {first_error}")]
     NothingAttached { binary: String, first_error: String },
+    #[error("uprobe_multi links (--attach-mode multi): {0}")]
+    Multi(String),
+    #[error("mapping the per-function counters: {0}")]
+    Counters(std::io::Error),
 }
 
 /// How calls' ends are seen.
@@ -98,9 +110,30 @@ impl ReturnMechanism {
     }
 }
 
+/// How function probes are linked to the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum AttachMode {
+    /// uprobe_multi links where the kernel has them (Linux 6.6+), else one
+    /// link per probe.
+    Auto,
+    /// uprobe_multi links only: all probes of a kind in one system call.
+    Multi,
+    /// One perf-event link per probe (about 0.7 ms each).
+    Single,
+}
+
 /// Settings of the kernel side.
 #[derive(Clone, Debug)]
 pub struct KernelOptions {
+    /// Calls shorter than this are left out (`--min-duration`); zero keeps all.
+    pub min_duration: Duration,
+    /// Calls shorter than this count as short for the overhead budget; zero
+    /// when there is no budget.
+    pub budget_short: Duration,
+    /// Thread stack slots used (`omegi_common::globals::THREAD_SLOTS_USED`).
+    pub thread_slots: u32,
+    /// How function probes are linked (`--attach-mode`).
+    pub attach_mode: AttachMode,
     /// See `SPLIT_AFTER_NS` in `omegi-common`.
     pub split_after: Duration,
     /// Trace every process that runs the binary (`--binary`).
@@ -116,6 +149,7 @@ pub struct KernelMaps {
     pub events: RingBuf<MapData>,
     pub counters: PerCpuArray<MapData, u64>,
     pub threads: BpfHashMap<MapData, u32, ThreadStack>,
+    pub thread_slots: Array<MapData, ThreadStack>,
     /// Kernel-side diagnostics, with `--debug-ebpf`.
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
@@ -128,6 +162,86 @@ pub struct AttachReport {
     pub exit_probes: usize,
     /// Functions whose entry probe could not be attached (logged).
     pub failed: usize,
+    /// `uprobe_multi` links, or one link per probe.
+    pub multi: bool,
+    /// How long attaching the function probes took.
+    pub took: Duration,
+}
+
+/// The probes of one traced function, as they are linked: file offsets and
+/// cookies (without the generation).
+#[derive(Clone, Debug)]
+struct FunctionProbes {
+    id: u32,
+    /// The entry probe (`omegi_entry`).
+    entry: (u64, u64),
+    /// Uretprobes at the entry (`omegi_uretprobe`), where the binary cannot
+    /// unwind.
+    returns: Vec<(u64, u64)>,
+    /// Probes on exit instructions (`omegi_exit`): every `ret` and tail jump
+    /// with return sites; only the tail jumps with uretprobes, which see
+    /// returns but not a `jmp` out of the function (unprobed, a tail call
+    /// would end `replaced` when a traced function it jumps to starts, or
+    /// else when that one returns).
+    exits: Vec<(u64, u64)>,
+}
+
+impl FunctionProbes {
+    fn new(function: &Function, uretprobe: bool) -> Option<Self> {
+        let entry = function.code.entry.as_ref()?.file_offset;
+        let id = u64::from(function.id);
+        let exits = function
+            .code
+            .exits
+            .iter()
+            .filter(|exit| !uretprobe || exit.kind == ExitKind::TailJump)
+            .map(|exit| {
+                let reason = match exit.kind {
+                    ExitKind::Return => end_reason::RETURNED,
+                    ExitKind::TailJump => end_reason::TAIL_CALL,
+                };
+                (
+                    exit.site.file_offset,
+                    (u64::from(reason) << EXIT_KIND_SHIFT) | id,
+                )
+            })
+            .collect();
+        Some(Self {
+            id: function.id,
+            entry: (entry, entry_cookie(function)),
+            returns: if uretprobe {
+                vec![(entry, id)]
+            } else {
+                Vec::new()
+            },
+            exits,
+        })
+    }
+}
+
+/// The entry probe's cookie: the function id, and whether the function can
+/// leave by a jump no probe sees (then a call starting in its frame replaced
+/// it; otherwise the frame was unwound).
+fn entry_cookie(function: &Function) -> u64 {
+    let flags = if function.code.exits_complete() {
+        0
+    } else {
+        span_flags::OPEN_EXITS
+    };
+    (u64::from(flags) << ENTRY_FLAGS_SHIFT) | u64::from(function.id)
+}
+
+/// The links that hold the function probes.
+enum FunctionLinks {
+    None,
+    /// `uprobe_multi` links of the current generation.
+    Multi {
+        target: PathBuf,
+        generation: u8,
+        links: Vec<OwnedFd>,
+    },
+    /// One link per probe: (function id, program, link).
+    Single(Vec<(u32, &'static str, UProbeLinkId)>),
 }
 
 /// The loaded programs and their probes. Dropping it (or [`detach`]) removes
@@ -137,11 +251,24 @@ pub struct AttachReport {
 pub struct Probes {
     ebpf: Option<Ebpf>,
     tgids: BpfHashMap<MapData, u32, u8>,
+    state: Array<MapData, u32>,
+    /// The function probe programs loaded for `uprobe_multi`, when the
+    /// kernel took them.
+    multi: Option<multi::MultiPrograms>,
+    attach_mode: AttachMode,
+    /// What each attached function's probes are, to link them again.
+    attached: Vec<FunctionProbes>,
+    links: FunctionLinks,
 }
 
 impl Probes {
     /// Loads the programs and attaches the fork and exit tracepoints.
-    pub fn load(options: &KernelOptions) -> Result<(Self, KernelMaps), AttachError> {
+    /// `functions` is the size of the function table (the kernel keeps
+    /// counts per function).
+    pub fn load(
+        options: &KernelOptions,
+        functions: usize,
+    ) -> Result<(Self, KernelMaps, FunctionCounters), AttachError> {
         system::check_privileges()?;
         system::check_uprobes()?;
         let tracefs = system::ensure_tracefs()?;
@@ -156,6 +283,8 @@ impl Probes {
         let group_dead = offset("sched", "sched_process_exit", "group_dead").unwrap_or(0);
 
         let split_after_ns = u64::try_from(options.split_after.as_nanos()).unwrap_or(u64::MAX);
+        let min_duration_ns = u64::try_from(options.min_duration.as_nanos()).unwrap_or(u64::MAX);
+        let budget_short_ns = u64::try_from(options.budget_short.as_nanos()).unwrap_or(u64::MAX);
         let all_processes = u8::from(options.all_processes);
         let log_level: u8 = if options.debug_ebpf { 0xff } else { 0 };
         let mut ebpf = EbpfLoader::new()
@@ -166,8 +295,15 @@ impl Probes {
             .override_global(globals::SIGNAL_HANDLER_OFFSET, &signal_handler, true)
             .override_global(globals::EXIT_CODE_OFFSET, &exit_code, true)
             .override_global(globals::EXIT_GROUP_DEAD_OFFSET, &group_dead, true)
+            .override_global(globals::MIN_DURATION_NS, &min_duration_ns, true)
+            .override_global(globals::BUDGET_SHORT_NS, &budget_short_ns, true)
+            .override_global(globals::THREAD_SLOTS_USED, &options.thread_slots, true)
             .override_global("AYA_LOG_LEVEL", &log_level, false)
             .map_max_entries(names::MAP_EVENTS, options.ring_size)
+            .map_max_entries(
+                names::MAP_FUNCTIONS,
+                u32::try_from(functions.max(1)).unwrap_or(u32::MAX),
+            )
             .load(EBPF_OBJECT)?;
 
         let logger = if options.debug_ebpf {
@@ -201,35 +337,61 @@ impl Probes {
                 })?;
         }
         for program in [
-            names::PROG_ENTRY,
-            names::PROG_EXIT,
-            names::PROG_URETPROBE,
             names::PROG_CXX_THROW,
             names::PROG_CXX_CATCH,
             names::PROG_RUST_PANIC,
             names::PROG_RUST_PANIC_MESSAGE,
             names::PROG_RUST_CATCH,
         ] {
-            let uprobe: &mut UProbe = program_mut(&mut ebpf, program)?;
-            uprobe.load().map_err(|source| AttachError::Program {
-                name: program,
-                source,
-            })?;
+            load_uprobe(&mut ebpf, program)?;
+        }
+
+        // The function probes, for uprobe_multi links, while every map is
+        // still in `ebpf` to relocate them to. aya loads them for links of
+        // one probe each only when these are not available (verifying them
+        // takes a while).
+        let multi = match options.attach_mode {
+            AttachMode::Single => None,
+            mode => match multi::load_programs(EBPF_OBJECT, &ebpf, FUNCTION_PROGRAMS) {
+                Ok(programs) => Some(programs),
+                Err(error) if mode == AttachMode::Auto => {
+                    tracing::debug!("no uprobe_multi, one link per probe: {error:#}");
+                    None
+                }
+                Err(error) => return Err(AttachError::Multi(format!("{error:#}"))),
+            },
+        };
+
+        if multi.is_none() {
+            for program in FUNCTION_PROGRAMS {
+                load_uprobe(&mut ebpf, program)?;
+            }
         }
 
         let maps = KernelMaps {
             events: take_map(&mut ebpf, names::MAP_EVENTS)?,
             counters: take_map(&mut ebpf, names::MAP_COUNTERS)?,
             threads: take_map(&mut ebpf, names::MAP_THREADS)?,
+            thread_slots: take_map(&mut ebpf, names::MAP_THREAD_SLOTS)?,
             logger,
         };
         let tgids = take_map(&mut ebpf, names::MAP_TGIDS)?;
+        let state = take_map(&mut ebpf, names::MAP_STATE)?;
+        let functions_map: MapData = take_map_data(&mut ebpf, names::MAP_FUNCTIONS)?;
+        let counters = FunctionCounters::map(&functions_map, functions.max(1))
+            .map_err(AttachError::Counters)?;
         Ok((
             Self {
                 ebpf: Some(ebpf),
                 tgids,
+                state,
+                multi,
+                attach_mode: options.attach_mode,
+                attached: Vec::new(),
+                links: FunctionLinks::None,
             },
             maps,
+            counters,
         ))
     }
 
@@ -242,26 +404,83 @@ impl Probes {
         target: &Path,
         mechanism: ReturnMechanism,
     ) -> Result<AttachReport, AttachError> {
+        let started = Instant::now();
+        let uretprobe = mechanism == ReturnMechanism::Uretprobe;
+        let probes: Vec<FunctionProbes> = table
+            .functions
+            .iter()
+            .filter_map(|function| FunctionProbes::new(function, uretprobe))
+            .collect();
+        if probes.is_empty() {
+            return Err(AttachError::NothingAttached {
+                binary: target.display().to_string(),
+                first_error: "no functions".into(),
+            });
+        }
+
+        if let Some(programs) = &self.multi {
+            match link_multi(programs, target, &probes, 0) {
+                Ok(links) => {
+                    let report = AttachReport {
+                        functions: probes.len(),
+                        entry_probes: probes.len(),
+                        exit_probes: probes.iter().map(|p| p.exits.len() + p.returns.len()).sum(),
+                        failed: 0,
+                        multi: true,
+                        took: started.elapsed(),
+                    };
+                    self.links = FunctionLinks::Multi {
+                        target: target.to_owned(),
+                        generation: 0,
+                        links,
+                    };
+                    self.attached = probes;
+                    return Ok(report);
+                }
+                Err(error) if self.attach_mode == AttachMode::Auto => {
+                    tracing::debug!("uprobe_multi link refused, one link per probe: {error}");
+                }
+                Err(error) => return Err(AttachError::Multi(error.to_string())),
+            }
+        }
+        self.attach_single(table, target, probes, started)
+    }
+
+    /// One perf-event link per probe (kernels without uprobe_multi).
+    fn attach_single(
+        &mut self,
+        table: &FunctionTable,
+        target: &Path,
+        probes: Vec<FunctionProbes>,
+        started: Instant,
+    ) -> Result<AttachReport, AttachError> {
         let ebpf = self
             .ebpf
             .as_mut()
             .expect("probes are attached before detach");
+        if self.multi.take().is_some() {
+            // Loaded for multi links, which the kernel then refused.
+            for program in FUNCTION_PROGRAMS {
+                load_uprobe(ebpf, program)?;
+            }
+        }
         let mut report = AttachReport::default();
         let mut first_error = None;
-        let mut attached = vec![false; table.functions.len()];
+        let mut links = Vec::new();
+        let mut attached = Vec::new();
+        let name_of = |id: u32| table.get(id).map_or("?", |f| f.name.as_str());
 
         let entry: &mut UProbe = program_mut(ebpf, names::PROG_ENTRY)?;
-        for function in &table.functions {
-            let Some(site) = &function.code.entry else {
-                continue;
-            };
-            match attach_one(entry, site.file_offset, entry_cookie(function), target) {
-                Ok(()) => {
-                    attached[function.id as usize] = true;
+        for function in probes {
+            let (offset, cookie) = function.entry;
+            match attach_one(entry, offset, cookie, target) {
+                Ok(link) => {
+                    links.push((function.id, names::PROG_ENTRY, link));
                     report.entry_probes += 1;
+                    attached.push(function);
                 }
                 Err(error) => {
-                    tracing::warn!("not tracing {}: {error}", function.name);
+                    tracing::warn!("not tracing {}: {error}", name_of(function.id));
                     report.failed += 1;
                     first_error.get_or_insert(error.to_string());
                 }
@@ -273,46 +492,102 @@ impl Probes {
                 first_error: first_error.unwrap_or_else(|| "no functions".into()),
             });
         }
-
-        if mechanism == ReturnMechanism::Uretprobe {
-            let uretprobe: &mut UProbe = program_mut(ebpf, names::PROG_URETPROBE)?;
-            for function in table.functions.iter().filter(|f| attached[f.id as usize]) {
-                let site = function.code.entry.as_ref().expect("attached above");
-                match attach_one(uretprobe, site.file_offset, u64::from(function.id), target) {
-                    Ok(()) => report.exit_probes += 1,
-                    Err(error) => {
-                        tracing::warn!("no return probe on {}: {error}", function.name)
+        for program in [names::PROG_URETPROBE, names::PROG_EXIT] {
+            let exit: &mut UProbe = program_mut(ebpf, program)?;
+            for function in &attached {
+                let sites = if program == names::PROG_EXIT {
+                    &function.exits
+                } else {
+                    &function.returns
+                };
+                for &(offset, cookie) in sites {
+                    match attach_one(exit, offset, cookie, target) {
+                        Ok(link) => {
+                            links.push((function.id, program, link));
+                            report.exit_probes += 1;
+                        }
+                        Err(error) => tracing::warn!(
+                            "no exit probe at file offset {offset:#x} in {}: {error}",
+                            name_of(function.id)
+                        ),
                     }
                 }
             }
         }
-        // Exit sites: every `ret` and tail jump with return sites; only the
-        // tail jumps with uretprobes, which see returns but not a `jmp` out
-        // of the function (unprobed, a tail call would end `replaced` when a
-        // traced function it jumps to starts, or else when that one returns).
-        let exit: &mut UProbe = program_mut(ebpf, names::PROG_EXIT)?;
-        for function in table.functions.iter().filter(|f| attached[f.id as usize]) {
-            for site in &function.code.exits {
-                if mechanism == ReturnMechanism::Uretprobe && site.kind == ExitKind::Return {
-                    continue;
-                }
-                let reason = match site.kind {
-                    ExitKind::Return => end_reason::RETURNED,
-                    ExitKind::TailJump => end_reason::TAIL_CALL,
+        report.functions = report.entry_probes;
+        report.took = started.elapsed();
+        self.links = FunctionLinks::Single(links);
+        self.attached = attached;
+        Ok(report)
+    }
+
+    /// Removes the probes of the functions `ids` while the others stay
+    /// traced. With multi links, the remaining functions are linked again as
+    /// a new generation, which takes over atomically before the old links
+    /// close, so no call of theirs is missed or seen twice. Returns how many
+    /// functions were detached.
+    pub fn detach_functions(&mut self, ids: &[u32]) -> Result<usize, AttachError> {
+        let before = self.attached.len();
+        let remaining: Vec<FunctionProbes> = self
+            .attached
+            .iter()
+            .filter(|function| !ids.contains(&function.id))
+            .cloned()
+            .collect();
+        if remaining.len() == before {
+            return Ok(0);
+        }
+        match &mut self.links {
+            FunctionLinks::None => return Ok(0),
+            FunctionLinks::Multi {
+                target,
+                generation,
+                links,
+            } => {
+                let programs = self
+                    .multi
+                    .as_ref()
+                    .expect("multi links come from multi programs");
+                let next = generation.wrapping_add(1);
+                let new_links = if remaining.is_empty() {
+                    Vec::new()
+                } else {
+                    link_multi(programs, target, &remaining, next)
+                        .map_err(|error| AttachError::Multi(error.to_string()))?
                 };
-                let cookie = (u64::from(reason) << EXIT_KIND_SHIFT) | u64::from(function.id);
-                match attach_one(exit, site.site.file_offset, cookie, target) {
-                    Ok(()) => report.exit_probes += 1,
-                    Err(error) => tracing::warn!(
-                        "no exit probe at {:#x} in {}: {error}",
-                        site.site.address,
-                        function.name
-                    ),
+                self.state
+                    .set(state::GENERATION, u32::from(next), 0)
+                    .map_err(|source| AttachError::Map {
+                        name: names::MAP_STATE,
+                        source,
+                    })?;
+                *generation = next;
+                // The old links close here; their probes no longer run.
+                *links = new_links;
+            }
+            FunctionLinks::Single(links) => {
+                let ebpf = self
+                    .ebpf
+                    .as_mut()
+                    .expect("probes are attached before detach");
+                let mut kept = Vec::new();
+                for (id, program, link) in links.drain(..) {
+                    if ids.contains(&id) {
+                        let probe: &mut UProbe = program_mut(ebpf, program)?;
+                        probe.detach(link).map_err(|source| AttachError::Program {
+                            name: program,
+                            source,
+                        })?;
+                    } else {
+                        kept.push((id, program, link));
+                    }
                 }
+                *links = kept;
             }
         }
-        report.functions = report.entry_probes;
-        Ok(report)
+        let detached = before - remaining.len();
+        self.attached = remaining;
+        Ok(detached)
     }
 
     /// Puts probes on the language runtime's throw, panic and catch points,
@@ -369,6 +644,7 @@ impl Probes {
                 .and_then(|probe| match symbol {
                     RuntimeSymbol::InBinary { file_offset } => {
                         attach_one(probe, *file_offset, u64::from(kind), target)
+                            .map(|_| ())
                             .map_err(|e| e.to_string())
                     }
                     RuntimeSymbol::Imported { name } => {
@@ -393,7 +669,11 @@ impl Probes {
         for (offset, program) in rust {
             let result = program_mut::<UProbe>(ebpf, program)
                 .map_err(|e| e.to_string())
-                .and_then(|probe| attach_one(probe, offset, 0, target).map_err(|e| e.to_string()));
+                .and_then(|probe| {
+                    attach_one(probe, offset, 0, target)
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                });
             match result {
                 Ok(()) => attached += 1,
                 Err(error) => tracing::warn!(
@@ -420,9 +700,12 @@ impl Probes {
     }
 
     /// Stops tracing at once: every probe still fires until [`detach`]
-    /// removes it, one by one, but none records anything any more. Calls in
-    /// flight stay on the threads' stacks, to be reported as unfinished,
-    /// rather than losing the children they make while probes are removed.
+    /// removes it, but none records anything any more. Calls in flight stay
+    /// on the threads' stacks, to be reported as unfinished, rather than
+    /// losing the children they make while probes are removed. Emptying
+    /// `TGIDS` stops new threads and the error path; a generation no probe
+    /// carries stops threads that already have a stack (which skip the
+    /// `TGIDS` lookup).
     ///
     /// [`detach`]: Probes::detach
     pub fn stop_tracing(&mut self) {
@@ -430,10 +713,13 @@ impl Probes {
         for key in keys {
             let _ = self.tgids.remove(&key);
         }
+        let _ = self.state.set(state::GENERATION, STOPPED_GENERATION, 0);
     }
 
     /// Removes every probe and tracepoint. Maps stay readable.
     pub fn detach(&mut self) {
+        self.links = FunctionLinks::None;
+        self.multi = None;
         self.ebpf.take();
     }
 }
@@ -454,16 +740,18 @@ fn shared_library(pid: Option<u32>, prefix: &str) -> std::path::PathBuf {
     mapped.unwrap_or_else(|| prefix.into())
 }
 
-/// The entry probe's cookie: the function id, and whether the function can
-/// leave by a jump no probe sees (then a call starting in its frame replaced
-/// it; otherwise the frame was unwound).
-fn entry_cookie(function: &Function) -> u64 {
-    let flags = if function.code.exits_complete() {
-        0
-    } else {
-        span_flags::OPEN_EXITS
-    };
-    (u64::from(flags) << ENTRY_FLAGS_SHIFT) | u64::from(function.id)
+/// A `STATE[GENERATION]` no probe's cookie carries (those hold 8 bits).
+const STOPPED_GENERATION: u32 = 0x100;
+
+/// The programs of function probes (entry and exits).
+const FUNCTION_PROGRAMS: [&str; 3] = [names::PROG_ENTRY, names::PROG_EXIT, names::PROG_URETPROBE];
+
+fn load_uprobe(ebpf: &mut Ebpf, program: &'static str) -> Result<(), AttachError> {
+    let uprobe: &mut UProbe = program_mut(ebpf, program)?;
+    uprobe.load().map_err(|source| AttachError::Program {
+        name: program,
+        source,
+    })
 }
 
 fn attach_one(
@@ -471,13 +759,58 @@ fn attach_one(
     file_offset: u64,
     cookie: u64,
     target: &Path,
-) -> Result<(), ProgramError> {
+) -> Result<UProbeLinkId, ProgramError> {
     let point = UProbeAttachPoint {
         location: UProbeAttachLocation::AbsoluteOffset(file_offset),
         cookie: Some(cookie),
     };
-    program.attach(point, target, UProbeScope::AllProcesses)?;
-    Ok(())
+    program.attach(point, target, UProbeScope::AllProcesses)
+}
+
+/// Links `functions` with one uprobe_multi link per program: exit and
+/// return probes first, entries last, so that no call is entered before its
+/// way out is watched.
+fn link_multi(
+    programs: &multi::MultiPrograms,
+    target: &Path,
+    functions: &[FunctionProbes],
+    generation: u8,
+) -> std::io::Result<Vec<OwnedFd>> {
+    let tag = u64::from(generation) << GENERATION_SHIFT;
+    let mut links = Vec::with_capacity(3);
+    let mut link = |program: &OwnedFd, uretprobe: bool, sites: Vec<&(u64, u64)>| {
+        if sites.is_empty() {
+            return Ok(());
+        }
+        let (offsets, cookies): (Vec<u64>, Vec<u64>) = sites
+            .into_iter()
+            .map(|&(offset, cookie)| (offset, cookie | tag))
+            .unzip();
+        links.push(multi::attach(
+            program.as_fd(),
+            target,
+            &offsets,
+            &cookies,
+            uretprobe,
+        )?);
+        std::io::Result::Ok(())
+    };
+    link(
+        &programs.exit,
+        false,
+        functions.iter().flat_map(|f| &f.exits).collect(),
+    )?;
+    link(
+        &programs.uretprobe,
+        true,
+        functions.iter().flat_map(|f| &f.returns).collect(),
+    )?;
+    link(
+        &programs.entry,
+        false,
+        functions.iter().map(|f| &f.entry).collect(),
+    )?;
+    Ok(links)
 }
 
 fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, AttachError>
@@ -491,6 +824,21 @@ where
     program
         .try_into()
         .map_err(|source| AttachError::Program { name, source })
+}
+
+fn take_map_data(ebpf: &mut Ebpf, name: &'static str) -> Result<MapData, AttachError> {
+    use aya::maps::Map;
+    let map = ebpf.take_map(name).ok_or(AttachError::Map {
+        name,
+        source: aya::maps::MapError::InvalidName { name: name.into() },
+    })?;
+    match map {
+        Map::Array(data) => Ok(data),
+        _ => Err(AttachError::Map {
+            name,
+            source: aya::maps::MapError::InvalidName { name: name.into() },
+        }),
+    }
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, AttachError>

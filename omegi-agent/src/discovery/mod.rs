@@ -272,6 +272,24 @@ impl FunctionTable {
         self.sources.as_ref()?.location(address)
     }
 
+    /// Moves every entry probe back to its function's first instruction,
+    /// even an `endbr64` the probe was moved past (see `code.rs`): what probe
+    /// placement buys is measured against this.
+    pub fn probe_entries_at_first_instruction(&mut self) {
+        for function in &mut self.functions {
+            let Some(entry) = function.code.entry.as_mut() else {
+                continue;
+            };
+            let moved_by = entry.address - function.address;
+            if moved_by > 0 {
+                entry.address = function.address;
+                entry.file_offset -= moved_by;
+                entry.mnemonic = "endbr64".into();
+                entry.cost = ProbeCost::SingleStepped;
+            }
+        }
+    }
+
     /// How many function symbols were left out in all.
     pub fn skipped_total(&self) -> usize {
         self.skipped.values().sum()

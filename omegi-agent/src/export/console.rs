@@ -20,6 +20,8 @@ use crate::{
 /// Writes traces to stdout or a file.
 pub struct ConsoleExporter {
     out: Box<dyn Write + Send>,
+    json: json::SpanWriter,
+    line: Vec<u8>,
     format: ConsoleFormat,
     context: Arc<ExportContext>,
     colors: Colors,
@@ -74,6 +76,8 @@ impl ConsoleExporter {
         };
         Ok(Self {
             out,
+            json: json::SpanWriter::new(Arc::clone(&context)),
+            line: Vec::new(),
             format: options.format,
             context,
             colors,
@@ -109,11 +113,11 @@ impl ConsoleExporter {
     fn write(&mut self, trace: &Trace) -> io::Result<()> {
         match self.format {
             ConsoleFormat::Json => {
+                self.line.clear();
                 for span in &trace.spans {
-                    let line = json::span_json(trace, span, &self.context);
-                    writeln!(self.out, "{line}")?;
+                    self.json.write(&mut self.line, trace, span);
                 }
-                Ok(())
+                self.out.write_all(&self.line)
             }
             ConsoleFormat::Tree => {
                 let text = render_tree(trace, &self.context, self.colors);
@@ -405,6 +409,61 @@ trace 00000000000000000000000000000abc  pid 7  tid 8  2.000 ms
             coloured.contains("\x1b[1;31merror trace\x1b[0m"),
             "{coloured}"
         );
+    }
+
+    #[test]
+    fn fast_json_lines_equal_the_json_values() {
+        use crate::assembly::{ErrorInfo, ErrorKind, FlowStep, Outcome};
+        let mut failing = span(2, 1, 1, 20, 50);
+        failing.status = Status::Error("bad \"quoted\" value\n".into());
+        failing.end = SpanEnd::Unwound;
+        let mut split = span(5, 0, 2, 21, 22);
+        split.caller_span_id = Some(0xfeed);
+        let unknown = span(6, 1, 99, 23, 24);
+        let mut ok = span(7, 1, 0, 25, 26);
+        ok.status = Status::Ok;
+        let error = Arc::new(ErrorInfo {
+            kind: ErrorKind::Exception,
+            type_name: "Boom".into(),
+            message: "bad".into(),
+            flow: vec![FlowStep {
+                fn_id: 1,
+                span_id: 2,
+            }],
+            stack: Vec::new(),
+            outcome: Outcome::CaughtBy {
+                fn_id: 0,
+                span_id: 1,
+            },
+        });
+        let context = Arc::new(context());
+        let mut writer = json::SpanWriter::new(Arc::clone(&context));
+        for complete in [true, false] {
+            let trace = Trace {
+                trace_id: 0x1234_5678_9abc_def0_1122_3344_5566_7788,
+                spans: vec![
+                    failing.clone(),
+                    split.clone(),
+                    unknown.clone(),
+                    ok.clone(),
+                    span(1, 0, 0, 10, 60),
+                ],
+                complete,
+                sampled: true,
+                errors: vec![Arc::clone(&error)],
+            };
+            let mut out = Vec::new();
+            for span in &trace.spans {
+                writer.write(&mut out, &trace, span);
+            }
+            let text = String::from_utf8(out).unwrap();
+            let lines: Vec<&str> = text.lines().collect();
+            assert_eq!(lines.len(), trace.spans.len());
+            for (line, span) in lines.iter().zip(&trace.spans) {
+                let fast: serde_json::Value = serde_json::from_str(line).unwrap();
+                assert_eq!(fast, json::span_json(&trace, span, &context), "{line}");
+            }
+        }
     }
 
     #[test]

