@@ -547,6 +547,9 @@ pub fn describe_table(table: &FunctionTable, mechanism: ReturnMechanism) -> Stri
         if !function.code.exits_complete() {
             exits.push_str(", other exits closed by stack pointer");
         }
+        if mechanism == ReturnMechanism::LeafUretprobes && mechanism.uretprobe_for(function) {
+            exits.push_str(" (leaf: uretprobe)");
+        }
         let _ = writeln!(
             out,
             "  {}  {}  {entry}  exits: {exits}",

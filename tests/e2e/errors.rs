@@ -396,3 +396,71 @@ fn a_bad_return_value_rule_is_refused() {
 fn libc_sigabrt() -> i32 {
     6
 }
+
+#[test]
+fn leaf_functions_get_uretprobes_and_exceptions_still_unwind() {
+    let exe = fixtures::build("cpp/leaves.cpp", Linking::Pie);
+    let listing = std::process::Command::new(env!("CARGO_BIN_EXE_omegi-agent"))
+        .arg("--project-root")
+        .arg(fixtures::sources_dir())
+        .arg("--list")
+        .arg("--binary")
+        .arg(&exe)
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+    let line_of = |name: &str| {
+        listing
+            .lines()
+            .find(|line| line.trim_start().starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} not listed:\n{listing}"))
+            .to_owned()
+    };
+    assert!(
+        listing.contains("uretprobes on leaf functions"),
+        "{listing}"
+    );
+    for leaf in ["scale", "clamp"] {
+        assert!(line_of(leaf).ends_with("(leaf: uretprobe)"), "{listing}");
+    }
+    for caller in ["step", "run", "main"] {
+        assert!(!line_of(caller).contains("leaf"), "{listing}");
+    }
+
+    let traced = trace_unharmed("cpp/leaves.cpp", Linking::Pie, &[], &[]);
+    assert_eq!(traced.stdout, "sum 425 errors 23\n");
+    for leaf in ["scale", "clamp"] {
+        let calls: Vec<&SpanRecord> = traced.spans.iter().filter(|s| s.name == leaf).collect();
+        assert_eq!(calls.len(), 40, "{leaf}");
+        assert!(calls.iter().all(|s| s.end() == "returned" && !s.is_error()));
+    }
+    let errors = exceptions(&traced.spans);
+    assert_eq!(errors.len(), 23);
+    for (_, error) in &errors {
+        assert_eq!(error.flow(), vec!["step"]);
+        assert_eq!(error.text("omegi.error.outcome"), "caught in run");
+    }
+}
+
+#[test]
+fn no_leaf_uretprobes_where_a_signal_handler_may_unwind() {
+    // -fnon-call-exceptions lets a signal handler throw through a leaf.
+    let exe = fixtures::build("cpp/leaves_noncall.cpp", Linking::Pie);
+    let listing = std::process::Command::new(env!("CARGO_BIN_EXE_omegi-agent"))
+        .arg("--project-root")
+        .arg(fixtures::sources_dir())
+        .args(["--list", "--binary"])
+        .arg(&exe)
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout).into_owned();
+    assert!(
+        listing
+            .lines()
+            .next()
+            .unwrap()
+            .contains("returns by return sites, the binary can unwind"),
+        "{listing}"
+    );
+    assert!(!listing.contains("leaf"), "{listing}");
+}

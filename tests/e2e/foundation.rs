@@ -624,8 +624,8 @@ fn list_shows_what_would_be_traced_and_what_was_skipped() {
     assert_eq!(
         lines[0],
         format!(
-            "9 functions would be traced in {} (debug info: DWARF; returns by return sites, \
-             the binary can unwind)",
+            "9 functions would be traced in {} (debug info: DWARF; returns by return sites \
+             (uretprobes on leaf functions), the binary can unwind)",
             exe.display()
         )
     );

@@ -153,6 +153,11 @@ impl Bench {
             .arg(source("loop.cpp"))
             .arg("-o")
             .arg(out("loop_cpp")))?;
+        run(Command::new("g++")
+            .args(c_flags)
+            .arg(source("leaf.cpp"))
+            .arg("-o")
+            .arg(out("leaf_cpp")))?;
         // (c) as distribution packages are built: -O2, no frame pointers.
         run(Command::new("g++")
             .args(["-O2", "-g", "-pthread"])
@@ -179,6 +184,7 @@ impl Bench {
         let calls = self.calls().to_string();
         let rust_work = symbol_containing(&self.bin.join("loop_rs"), "4loop4work")?;
         let cpp_work = symbol_containing(&self.bin.join("loop_cpp"), "4worki")?;
+        let cpp_leaf = symbol_containing(&self.bin.join("leaf_cpp"), "4worki")?;
         let requests = if self.quick { "1000" } else { "2000" };
         Ok(vec![
             Target {
@@ -195,6 +201,14 @@ impl Bench {
                 exe: self.bin.join("loop_cpp"),
                 args: vec![calls.clone()],
                 bpftrace_pattern: cpp_work,
+                include: "work".into(),
+            },
+            Target {
+                key: "b-leaf",
+                label: "(b) C++ loop, a leaf function (can unwind)",
+                exe: self.bin.join("leaf_cpp"),
+                args: vec![calls.clone()],
+                bpftrace_pattern: cpp_leaf,
                 include: "work".into(),
             },
             Target {
@@ -1719,6 +1733,13 @@ impl Report {
                 );
             }
         }
+        if let Some((omegi, floor, r)) = ratio("b-leaf") {
+            let _ = writeln!(
+                md,
+                "| (b) C++, a leaf function (uretprobe: nothing can unwind through it) | {omegi:.0} ns vs {floor:.0} ns: **{r:.2}×** | {} |",
+                verdict(r <= 1.2)
+            );
+        }
         let assembled = self
             .assembly
             .iter()
@@ -1807,7 +1828,11 @@ impl Report {
              none: `ret`, `pop` and `leave` are all single-stepped), or uretprobes made safe \
              for unwinding (put the original return addresses back on the stack when an \
              exception starts, with `bpf_probe_write_user`, and the trampoline back at the \
-             catch) — not done: it writes into the traced program's stack.\n",
+             catch) — not done: it writes into the traced program's stack. What omegi does \
+             instead: a leaf function (no `call`, no jump out, only `ret`s) cannot have an \
+             exception or a panic start below its frame, so it gets a uretprobe even in a \
+             binary that can unwind (the \"(b) C++ loop, a leaf function\" row); `work` in \
+             (b) throws, so it is no leaf and keeps its `ret` probe.\n",
             (push + ret) / (push + uret)
         );
         if let Some((_, _, r)) = ratio("a") {

@@ -63,11 +63,23 @@ pub struct CodeAnalysis {
     pub indirect_jumps: u32,
     /// Conditional jumps whose target is outside the function.
     pub conditional_exits: u32,
+    /// `call` instructions, direct or not.
+    pub calls: u32,
     /// Bytes that did not decode as instructions.
     pub invalid_bytes: bool,
 }
 
 impl CodeAnalysis {
+    /// Whether the function calls nothing and leaves only by `ret`: then no
+    /// exception or panic can start below its frame, so no unwinder walks
+    /// through it while it runs, and a uretprobe is safe even in a binary
+    /// that can unwind (but see `FunctionTable::leaf_uretprobes`).
+    pub fn is_leaf(&self) -> bool {
+        self.calls == 0
+            && self.exits_complete()
+            && self.exits.iter().all(|exit| exit.kind == ExitKind::Return)
+    }
+
     /// Whether every way out of the function is probed. When not, a frame
     /// left some other way is closed when the thread's stack shows it gone.
     pub fn exits_complete(&self) -> bool {
@@ -139,6 +151,7 @@ pub fn analyze(ranges: &[CodeRange<'_>]) -> CodeAnalysis {
                     }
                 }
                 FlowControl::IndirectBranch => analysis.indirect_jumps += 1,
+                FlowControl::Call | FlowControl::IndirectCall => analysis.calls += 1,
                 _ => {}
             }
         }
@@ -304,6 +317,20 @@ mod tests {
         assert_eq!(a.conditional_exits, 0);
         assert_eq!(a.exits.len(), 2);
         assert!(a.exits_complete());
+    }
+
+    #[test]
+    fn leaves_call_nothing_and_only_return() {
+        // lea eax,[rdi+1]; ret
+        assert!(analyze_bytes(&[0x8d, 0x47, 0x01, 0xc3]).is_leaf());
+        // call 0x2000; ret
+        assert!(!analyze_bytes(&[0xe8, 0xfb, 0x0f, 0x00, 0x00, 0xc3]).is_leaf());
+        // call rax; ret
+        assert!(!analyze_bytes(&[0xff, 0xd0, 0xc3]).is_leaf());
+        // add edi,1; jmp 0x2000 (a tail call: the callee runs on our return address)
+        assert!(!analyze_bytes(&[0x83, 0xc7, 0x01, 0xe9, 0xf8, 0x0f, 0x00, 0x00]).is_leaf());
+        // jmp rax
+        assert!(!analyze_bytes(&[0xff, 0xe0]).is_leaf());
     }
 
     #[test]

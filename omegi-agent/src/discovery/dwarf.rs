@@ -20,6 +20,9 @@ type Reader = EndianArcSlice<RunTimeEndian>;
 /// `Sync`; lookups after discovery are rare (error stack traces).
 pub struct SourceIndex {
     context: Mutex<Context<Reader>>,
+    /// The distinct `DW_AT_producer`s of the compile units (GCC records its
+    /// command-line switches there by default).
+    producers: Vec<String>,
 }
 
 impl fmt::Debug for SourceIndex {
@@ -40,10 +43,20 @@ impl SourceIndex {
             Ok(EndianArcSlice::new(Arc::from(&*data), endian))
         };
         let dwarf = gimli::Dwarf::load(load_section).map_err(DiscoveryError::Dwarf)?;
+        let producers = producers(&dwarf);
         let context = Context::from_dwarf(dwarf).map_err(DiscoveryError::Dwarf)?;
         Ok(Self {
             context: Mutex::new(context),
+            producers,
         })
+    }
+
+    /// Whether some compile unit's producer names `switch` (e.g.
+    /// `-fnon-call-exceptions`), as far as the compiler recorded it.
+    pub fn compiled_with(&self, switch: &str) -> bool {
+        self.producers
+            .iter()
+            .any(|producer| producer.split_whitespace().any(|word| word == switch))
     }
 
     /// The file and line of the code at `address`, as written in the function
@@ -68,4 +81,28 @@ impl SourceIndex {
             Some((PathBuf::from(location.file?), location.line))
         })
     }
+}
+
+fn producers(dwarf: &gimli::Dwarf<Reader>) -> Vec<String> {
+    let mut producers = std::collections::BTreeSet::new();
+    let mut headers = dwarf.units();
+    while let Ok(Some(header)) = headers.next() {
+        let Ok(unit) = dwarf.unit(header) else {
+            continue;
+        };
+        let mut entries = unit.entries();
+        let Ok(Some((_, root))) = entries.next_dfs() else {
+            continue;
+        };
+        let Ok(Some(value)) = root.attr_value(gimli::DW_AT_producer) else {
+            continue;
+        };
+        if let Ok(text) = dwarf.attr_string(&unit, value) {
+            use gimli::Reader as _;
+            if let Ok(text) = text.to_string_lossy() {
+                producers.insert(text.into_owned());
+            }
+        }
+    }
+    producers.into_iter().collect()
 }

@@ -49,13 +49,24 @@ pub fn parse<'data>(path: &Path, data: &'data [u8]) -> Result<object::File<'data
 
 /// Whether anything in the binary can unwind through user frames.
 pub fn can_unwind(file: &object::File<'_>) -> bool {
+    references(file, UNWINDER_SYMBOLS)
+}
+
+/// Whether the binary can unwind from a signal handler, through a frame
+/// that made no call: asynchronous thread cancellation.
+pub fn can_cancel_asynchronously(file: &object::File<'_>) -> bool {
+    references(file, &["pthread_setcanceltype"])
+}
+
+/// Whether the binary defines or imports one of `names`.
+fn references(file: &object::File<'_>, names: &[&str]) -> bool {
     file.symbols()
         .chain(file.dynamic_symbols())
         .filter_map(|symbol| symbol.name().ok())
         .any(|name| {
             // Versioned imports look like `pthread_exit@GLIBC_2.34`.
             let base = name.split('@').next().unwrap_or(name);
-            UNWINDER_SYMBOLS.contains(&base)
+            names.contains(&base)
         })
 }
 

@@ -163,6 +163,11 @@ pub struct FunctionTable {
     /// Whether an unwinder in the binary could walk through a uretprobe'd
     /// frame (and so uretprobes must not be used).
     pub can_unwind: bool,
+    /// Whether leaf functions (see [`CodeAnalysis::is_leaf`]) may have
+    /// uretprobes although the binary can unwind: nothing unwinds from a
+    /// signal handler here (no asynchronous cancellation, no GCC
+    /// `-fnon-call-exceptions` in the DWARF producers).
+    pub leaf_uretprobes: bool,
     /// Where C++ exceptions and Rust panics can be seen.
     pub runtime: RuntimeHooks,
     /// Source lines by address, for the call sites in error stack traces.
@@ -180,6 +185,7 @@ impl FunctionTable {
             has_dwarf: true,
             from_symbol_table: false,
             can_unwind: false,
+            leaf_uretprobes: true,
             runtime: RuntimeHooks::default(),
             sources: None,
         }
@@ -223,6 +229,10 @@ impl FunctionTable {
             has_dwarf,
             from_symbol_table: !has_dwarf,
             can_unwind: elf::can_unwind(&file),
+            leaf_uretprobes: !elf::can_cancel_asynchronously(&file)
+                && sources
+                    .as_ref()
+                    .is_some_and(|sources| !sources.compiled_with("-fnon-call-exceptions")),
             runtime: runtime::find(&file),
             sources: None,
         };
@@ -245,6 +255,7 @@ impl FunctionTable {
                 has_dwarf,
                 from_symbol_table: true,
                 can_unwind: table.can_unwind,
+                leaf_uretprobes: table.leaf_uretprobes,
                 runtime: table.runtime.clone(),
                 sources: None,
             };
