@@ -20,7 +20,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(error) => return usage_error(error),
     };
-    init_logging(cli.quiet, cli.verbose);
+    init_logging(cli.quiet, cli.verbose, cli.debug_ebpf);
     let config = match Config::from_cli(cli) {
         Ok(config) => config,
         Err(error) => return fail(&error.into()),
@@ -92,16 +92,23 @@ fn end_by_signal(signal: i32) -> ExitCode {
 }
 
 /// The agent's own messages go to stderr as `omegi-agent: …` lines.
-/// `OMEGI_LOG` (an env-filter directive) overrides `-q`/`-v`.
-fn init_logging(quiet: bool, verbose: u8) {
+/// `OMEGI_LOG` (an env-filter directive) overrides `-q`/`-v`. With
+/// `--debug-ebpf`, the eBPF programs' own messages (aya-log records, whose
+/// targets are the eBPF crate's modules, `omegi::…`) are shown too.
+fn init_logging(quiet: bool, verbose: u8, debug_ebpf: bool) {
     let level = match (quiet, verbose) {
         (true, _) => "warn",
         (false, 0) => "info",
         (false, 1) => "debug",
         (false, _) => "trace",
     };
+    let ebpf = if debug_ebpf {
+        ",omegi::stack=debug,omegi::errors=debug"
+    } else {
+        ""
+    };
     let filter = EnvFilter::try_from_env("OMEGI_LOG")
-        .unwrap_or_else(|_| EnvFilter::new(format!("{level},aya=warn,aya_obj=warn")));
+        .unwrap_or_else(|_| EnvFilter::new(format!("{level},aya=warn,aya_obj=warn{ebpf}")));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -378,6 +378,30 @@ fn rust_without_debug_info_falls_back_to_the_symbol_table() {
     }
 }
 
+#[test]
+fn calls_deeper_than_the_shadow_stack_are_counted_and_explained_with_debug_ebpf() {
+    let exe = fixtures::build("c/deep.c", Linking::Pie);
+    // main + down(80..=0): 82 calls, 64 fit on the shadow stack.
+    let traced = trace_unharmed(&exe, &[], &[]);
+    assert_eq!(traced.stdout, "80\n");
+    assert_eq!(traced.spans.len(), 64);
+    let said = traced.agent_stderr();
+    assert!(
+        said.contains("dropped: 18 calls not traced beyond depth 64"),
+        "{said}"
+    );
+    assert!(!said.contains("debug:"), "{said}");
+
+    // --debug-ebpf shows the eBPF programs' own messages.
+    let traced = trace_unharmed(&exe, &[], &["--debug-ebpf"]);
+    let said = traced.agent_stderr();
+    let debug_lines = said
+        .lines()
+        .filter(|line| line.starts_with("omegi-agent: debug: deeper than 64 calls, tid "))
+        .count();
+    assert_eq!(debug_lines, 18, "{said}");
+}
+
 // --- --pid --------------------------------------------------------------
 
 /// The looper fixture, started and waiting on its stdin.

@@ -326,18 +326,6 @@ impl Probes {
             )
             .load(EBPF_OBJECT)?;
 
-        let logger = if options.debug_ebpf {
-            match aya_log::EbpfLogger::init(&mut ebpf) {
-                Ok(logger) => Some(logger),
-                Err(error) => {
-                    tracing::warn!("eBPF logging unavailable: {error}");
-                    None
-                }
-            }
-        } else {
-            None
-        };
-
         for (program, category, name) in [
             (names::PROG_FORK, "sched", "sched_process_fork"),
             (names::PROG_TASK_EXIT, "sched", "sched_process_exit"),
@@ -387,6 +375,20 @@ impl Probes {
                 load_uprobe(&mut ebpf, program)?;
             }
         }
+
+        // Only now: the logger takes its map out of `ebpf`, which the multi
+        // programs above needed to relocate their references to it.
+        let logger = if options.debug_ebpf {
+            match aya_log::EbpfLogger::init(&mut ebpf) {
+                Ok(logger) => Some(logger),
+                Err(error) => {
+                    tracing::warn!("eBPF logging unavailable: {error}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
 
         let maps = KernelMaps {
             events: take_map(&mut ebpf, names::MAP_EVENTS)?,
