@@ -114,49 +114,33 @@ impl Running {
         self.stderr.lock().unwrap().join("\n")
     }
 
-    fn last_stats(&self) -> Option<Stats> {
-        self.stderr
-            .lock()
-            .unwrap()
-            .iter()
-            .rev()
-            .find_map(|line| Stats::parse(line))
-    }
-
     /// Waits until a stats line satisfies `done`; returns it.
     fn wait_for(&mut self, what: &str, done: impl Fn(&Stats) -> bool) -> Stats {
-        let deadline = Instant::now() + EVENT_TIMEOUT;
-        loop {
-            if let Some(stats) = self.last_stats().filter(|stats| done(stats)) {
-                return stats;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "the agent ended ({status}) before {what}:\n{}",
-                    self.stderr_text()
-                );
-            }
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}:\n{}",
-                self.stderr_text()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let mut found = None;
+        self.wait_until(what, |lines| {
+            found = lines
+                .iter()
+                .rev()
+                .find_map(|line| Stats::parse(line))
+                .filter(|stats| done(stats));
+            found.is_some()
+        });
+        found.expect("wait_until returns once found")
     }
 
     /// Waits until `needle` has appeared on `count` lines of stderr.
     fn wait_for_line(&mut self, what: &str, needle: &str, count: usize) {
+        self.wait_until(what, |lines| {
+            lines.iter().filter(|line| line.contains(needle)).count() >= count
+        });
+    }
+
+    /// Waits until `done` holds for the stderr lines so far, failing the
+    /// test if the agent ends first or after [`EVENT_TIMEOUT`].
+    fn wait_until(&mut self, what: &str, mut done: impl FnMut(&[String]) -> bool) {
         let deadline = Instant::now() + EVENT_TIMEOUT;
         loop {
-            let seen = self
-                .stderr
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|line| line.contains(needle))
-                .count();
-            if seen >= count {
+            if done(&self.stderr.lock().unwrap()) {
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -262,6 +246,22 @@ impl Running {
             .find_map(Stats::parse)
             .unwrap_or_else(|| panic!("no stats line:\n{stderr}"))
     }
+}
+
+/// `N` of the summary's `dropped: … N spans lost in a full ring buffer …`.
+fn ring_buffer_losses(stderr: &str) -> u64 {
+    stderr
+        .lines()
+        .filter(|line| line.contains("dropped: "))
+        .filter_map(|line| {
+            let before = &line[..line.find(" spans lost in a full ring buffer")?];
+            before
+                .rsplit(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
 }
 
 fn is_lower_hex(text: &str, len: usize) -> bool {
@@ -526,7 +526,14 @@ fn a_flood_with_no_broker_is_dropped_and_counted_and_shutdown_ends() {
     // though the exporter was waiting for room.
     let server = format!("127.0.0.1:{}", kafka::free_port());
     let requests = 100_000u64;
-    let mut command = agent_command(&server, 1, None, &["--flush-timeout", "2s"]);
+    // No overhead budget: it would detach the hot functions mid-flood (as it
+    // should), and this test counts every span of every request.
+    let mut command = agent_command(
+        &server,
+        1,
+        None,
+        &["--flush-timeout", "2s", "--overhead-budget", "off"],
+    );
     command.arg("--").arg(fixture()).arg(requests.to_string());
     let (status, stdout, stderr) = Running::start(command).finish();
     assert!(status.success(), "{stderr}");
@@ -535,7 +542,14 @@ fn a_flood_with_no_broker_is_dropped_and_counted_and_shutdown_ends() {
         "{stdout}"
     );
     let stats = Running::last_stats_of(&stderr);
-    assert_eq!(stats.spans, requests * SPANS_PER_REQUEST);
+    // At this rate the kernel may find the ring buffer full while the
+    // agent's reader waits for a core: those spans never reach the agent,
+    // and the summary counts them.
+    assert_eq!(
+        stats.spans + ring_buffer_losses(&stderr),
+        requests * SPANS_PER_REQUEST,
+        "{stderr}"
+    );
     assert_eq!(stats.exported, 0);
     assert_eq!(stats.queue_full + stats.failed, stats.spans, "{stderr}");
     assert!(stats.queue_full > 0, "{stderr}");

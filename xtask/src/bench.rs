@@ -153,11 +153,6 @@ impl Bench {
             .arg(source("loop.cpp"))
             .arg("-o")
             .arg(out("loop_cpp")))?;
-        run(Command::new("g++")
-            .args(c_flags)
-            .arg(source("leaf.cpp"))
-            .arg("-o")
-            .arg(out("leaf_cpp")))?;
         // (c) as distribution packages are built: -O2, no frame pointers.
         run(Command::new("g++")
             .args(["-O2", "-g", "-pthread"])
@@ -184,7 +179,7 @@ impl Bench {
         let calls = self.calls().to_string();
         let rust_work = symbol_containing(&self.bin.join("loop_rs"), "4loop4work")?;
         let cpp_work = symbol_containing(&self.bin.join("loop_cpp"), "4worki")?;
-        let cpp_leaf = symbol_containing(&self.bin.join("leaf_cpp"), "4worki")?;
+        let cpp_leaf = symbol_containing(&self.bin.join("loop_cpp"), "4leafi")?;
         let requests = if self.quick { "1000" } else { "2000" };
         Ok(vec![
             Target {
@@ -206,10 +201,10 @@ impl Bench {
             Target {
                 key: "b-leaf",
                 label: "(b) C++ loop, a leaf function (can unwind)",
-                exe: self.bin.join("leaf_cpp"),
-                args: vec![calls.clone()],
+                exe: self.bin.join("loop_cpp"),
+                args: vec![calls.clone(), "leaf".into()],
                 bpftrace_pattern: cpp_leaf,
-                include: "work".into(),
+                include: "leaf".into(),
             },
             Target {
                 key: "b-rust",
