@@ -51,7 +51,10 @@ pub fn run(config: Config) -> anyhow::Result<Outcome> {
             })?;
             let held = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
             _exe_held_open = Some(file);
-            (exe, held)
+            // Named by the path the process ran (its link), read through
+            // our descriptor.
+            let shown = std::fs::read_link(&exe).unwrap_or(exe);
+            (shown, held)
         }
         Target::Binary(path) => {
             if !path.exists() {
@@ -65,7 +68,7 @@ pub fn run(config: Config) -> anyhow::Result<Outcome> {
         }
     };
 
-    let mut table = FunctionTable::discover(&binary, &config.selection)?;
+    let mut table = FunctionTable::discover_named(&attach_path, &binary, &config.selection)?;
     if config.entry_at_first_instruction {
         table.probe_entries_at_first_instruction();
     }
@@ -504,10 +507,10 @@ pub fn describe_table(table: &FunctionTable, mechanism: ReturnMechanism) -> Stri
             (false, true) => "none, symbol table only",
         },
         mechanism.as_str(),
-        if table.can_unwind {
-            ", the binary can unwind"
-        } else {
-            ""
+        match (table.stack_walking_runtime, table.can_unwind) {
+            (Some(runtime), _) => format!(", the {runtime} runtime walks its stacks"),
+            (None, true) => ", the binary can unwind".into(),
+            (None, false) => String::new(),
         },
     );
     let hooks = &table.runtime;

@@ -23,6 +23,11 @@ pub enum Lang {
     C,
     Cpp,
     Rust,
+    /// Built with Debian's Go toolchain (`golang-1.19-go`), standard library
+    /// only, no network.
+    Go,
+    /// Native code from `ocamlopt` (Debian's `ocaml-nox`).
+    OCaml,
 }
 
 /// How the executable is linked.
@@ -69,6 +74,8 @@ pub fn build(file: &str, linking: Linking) -> PathBuf {
         Some("c") => Lang::C,
         Some("cpp") | Some("cc") => Lang::Cpp,
         Some("rs") => Lang::Rust,
+        Some("go") => Lang::Go,
+        Some("ml") => Lang::OCaml,
         other => panic!("unknown fixture language {other:?} for {file}"),
     };
     let out_dir = crate::target_dir()
@@ -98,8 +105,52 @@ pub fn build(file: &str, linking: Linking) -> PathBuf {
             cmd.args(&extra);
             cmd
         }
+        Lang::Go => {
+            let mut cmd = Command::new(GO);
+            let cache = crate::target_dir().join("go-cache");
+            cmd.arg("build")
+                .env("GOCACHE", &cache)
+                .env("GOPATH", cache.join("gopath"))
+                .env("GOTOOLCHAIN", "local")
+                .env("GOPROXY", "off")
+                .env("GO111MODULE", "off")
+                .env("CGO_ENABLED", "0");
+            if linking == Linking::Pie {
+                cmd.arg("-buildmode=pie");
+            }
+            cmd.args(&extra);
+            cmd
+        }
+        Lang::OCaml => {
+            // Compiled apart, so that the .cmx and .o go to the output
+            // directory instead of beside the source; then linked.
+            let object = out_dir.join(format!("{stem}.cmx"));
+            let compiled = Command::new("ocamlopt")
+                .args(["-g", "-c", "-o"])
+                .arg(&object)
+                .args(&extra)
+                .arg(&source)
+                .output()
+                .unwrap_or_else(|e| panic!("cannot run ocamlopt for {file}: {e}"));
+            assert!(
+                compiled.status.success(),
+                "compiling fixture {file} failed:\n{}",
+                String::from_utf8_lossy(&compiled.stderr)
+            );
+            let mut cmd = Command::new("ocamlopt");
+            cmd.arg("-g");
+            if linking == Linking::NoPie {
+                cmd.args(["-ccopt", "-no-pie"]);
+            }
+            cmd.arg("-o").arg(&output).arg(object);
+            cmd
+        }
     };
-    command.arg(&source).arg("-o").arg(&output);
+    match lang {
+        Lang::Go => command.arg("-o").arg(&output).arg(&source),
+        Lang::OCaml => &mut command,
+        _ => command.arg(&source).arg("-o").arg(&output),
+    };
     let result = command
         .output()
         .unwrap_or_else(|e| panic!("cannot run the compiler for {file}: {e}"));
@@ -111,6 +162,9 @@ pub fn build(file: &str, linking: Linking) -> PathBuf {
     built.insert((file.to_owned(), linking), output.clone());
     output
 }
+
+/// Debian's Go 1.19 (the package does not put `go` on PATH).
+pub const GO: &str = "/usr/lib/go-1.19/bin/go";
 
 fn extra_flags(source: &Path) -> Vec<String> {
     let text = std::fs::read_to_string(source).unwrap_or_default();

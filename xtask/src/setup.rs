@@ -15,7 +15,8 @@ use crate::run as run_command;
 /// Debian packages the build and tests use: C and C++ compilers for the
 /// fixtures, make, perl, pkg-config and the zlib and OpenSSL headers for
 /// building librdkafka (the rdkafka crate's bundled build, with gzip and
-/// TLS), bpftrace for the benchmark's reference run.
+/// TLS), bpftrace for the benchmark's reference run, Go and OCaml for the
+/// fixtures of runtimes that walk their own stacks.
 const APT_PACKAGES: &[&str] = &[
     "gcc",
     "g++",
@@ -25,6 +26,8 @@ const APT_PACKAGES: &[&str] = &[
     "zlib1g-dev",
     "libssl-dev",
     "bpftrace",
+    "golang-1.19-go",
+    "ocaml-nox",
 ];
 
 /// The tansu version the Kafka tests were written against.

@@ -61,7 +61,8 @@ pub enum AttachError {
     },
     #[error(
         "--return-probes uretprobe refused: {0} can unwind (C++ exceptions, Rust panics or \
-         pthread_exit), and unwinding through a uretprobe kills the program"
+         pthread_exit) or its runtime walks its own stack (OCaml, GHC), and a uretprobe on a \
+         frame that is walked kills the program"
     )]
     UretprobeOnUnwinder(String),
     #[error("no probe could be attached to {binary}: {first_error}")]

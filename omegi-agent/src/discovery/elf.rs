@@ -23,6 +23,18 @@ const UNWINDER_SYMBOLS: &[&str] = &[
     "pthread_cancel",
 ];
 
+/// Runtimes that walk their own stacks by return address, with no unwinder
+/// of the C kind, each by a symbol of its runtime: OCaml's garbage collector
+/// looks up every return address on the stack in its frame table (and loops
+/// or crashes on one it does not know, such as a uretprobe's trampoline);
+/// GHC's runtime keeps Haskell frames on a stack of its own. (Go walks its
+/// stacks too; Go binaries are recognised apart, see `go.rs`.)
+const STACK_WALKING_RUNTIMES: &[(&str, &str)] = &[
+    ("caml_start_program", "OCaml"),
+    ("caml_frametable", "OCaml"),
+    ("hs_init_ghc", "GHC"),
+];
+
 /// Checks that `data` is an ELF file omegi can trace and parses it.
 pub fn parse<'data>(path: &Path, data: &'data [u8]) -> Result<object::File<'data>, DiscoveryError> {
     let not_elf = || DiscoveryError::NotElf(path.to_owned());
@@ -49,7 +61,17 @@ pub fn parse<'data>(path: &Path, data: &'data [u8]) -> Result<object::File<'data
 
 /// Whether anything in the binary can unwind through user frames.
 pub fn can_unwind(file: &object::File<'_>) -> bool {
-    references(file, UNWINDER_SYMBOLS)
+    references(file, UNWINDER_SYMBOLS) || stack_walking_runtime(file).is_some()
+}
+
+/// The runtime that reads return addresses off the stack itself, if the
+/// binary has one (see [`STACK_WALKING_RUNTIMES`]): then no frame, not even
+/// a leaf's, may have a uretprobe.
+pub fn stack_walking_runtime(file: &object::File<'_>) -> Option<&'static str> {
+    STACK_WALKING_RUNTIMES
+        .iter()
+        .find(|(symbol, _)| references(file, &[symbol]))
+        .map(|&(_, runtime)| runtime)
 }
 
 /// Whether the binary can unwind from a signal handler, through a frame

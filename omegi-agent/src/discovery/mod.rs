@@ -10,6 +10,7 @@
 mod code;
 mod dwarf;
 mod elf;
+mod go;
 mod names;
 mod runtime;
 
@@ -24,6 +25,7 @@ use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
 
 pub use code::{CodeAnalysis, Exit, ExitKind, ProbeCost, ProbeSite};
 pub use dwarf::SourceIndex;
+pub use go::GoBuild;
 pub use names::demangle;
 pub use runtime::{RuntimeHooks, RuntimeSymbol};
 
@@ -44,6 +46,12 @@ pub enum DiscoveryError {
          cannot be found; trace an unstripped build (or one with -g)"
     )]
     Stripped(PathBuf),
+    #[error(
+        "{path} is a Go program ({}): omegi cannot trace Go programs yet, and the probes it \
+         puts in C programs would crash one (the Go runtime walks and moves goroutine stacks); \
+         nothing was attached", build.describe()
+    )]
+    GoProgram { path: PathBuf, build: GoBuild },
     #[error("cannot read the DWARF debug info: {0}")]
     Dwarf(gimli::Error),
     #[error("invalid --include/--exclude pattern {pattern:?}: {source}")]
@@ -163,6 +171,9 @@ pub struct FunctionTable {
     /// Whether an unwinder in the binary could walk through a uretprobe'd
     /// frame (and so uretprobes must not be used).
     pub can_unwind: bool,
+    /// The runtime that walks the binary's stacks by return address itself
+    /// (`OCaml`, `GHC`), which makes `can_unwind` true.
+    pub stack_walking_runtime: Option<&'static str>,
     /// Whether leaf functions (see [`CodeAnalysis::is_leaf`]) may have
     /// uretprobes although the binary can unwind: nothing unwinds from a
     /// signal handler here (no asynchronous cancellation, no GCC
@@ -185,6 +196,7 @@ impl FunctionTable {
             has_dwarf: true,
             from_symbol_table: false,
             can_unwind: false,
+            stack_walking_runtime: None,
             leaf_uretprobes: true,
             runtime: RuntimeHooks::default(),
             sources: None,
@@ -198,7 +210,17 @@ impl FunctionTable {
 
     /// Loads `binary` and selects its user functions.
     pub fn discover(binary: &Path, selection: &Selection) -> Result<Self, DiscoveryError> {
-        let data = std::fs::read(binary).map_err(|source| DiscoveryError::Io {
+        Self::discover_named(binary, binary, selection)
+    }
+
+    /// As [`discover`](Self::discover), reading the file at `path` (such as
+    /// `/proc/PID/exe`) and naming it `binary` (the path the process ran).
+    pub fn discover_named(
+        path: &Path,
+        binary: &Path,
+        selection: &Selection,
+    ) -> Result<Self, DiscoveryError> {
+        let data = std::fs::read(path).map_err(|source| DiscoveryError::Io {
             path: binary.to_owned(),
             source,
         })?;
@@ -212,6 +234,12 @@ impl FunctionTable {
         selection: &Selection,
     ) -> Result<Self, DiscoveryError> {
         let file = elf::parse(binary, data)?;
+        if let Some(build) = go::recognise(&file) {
+            return Err(DiscoveryError::GoProgram {
+                path: binary.to_owned(),
+                build,
+            });
+        }
         let has_dwarf = elf::has_dwarf(&file);
         if file.symbols().next().is_none() && !has_dwarf {
             return Err(DiscoveryError::Stripped(binary.to_owned()));
@@ -221,6 +249,7 @@ impl FunctionTable {
             .transpose()?;
         let filter = NameFilter::new(selection)?;
         let root = normalize(&selection.project_root);
+        let stack_walking_runtime = elf::stack_walking_runtime(&file);
 
         let mut table = FunctionTable {
             binary: binary.to_owned(),
@@ -229,7 +258,9 @@ impl FunctionTable {
             has_dwarf,
             from_symbol_table: !has_dwarf,
             can_unwind: elf::can_unwind(&file),
+            stack_walking_runtime,
             leaf_uretprobes: !elf::can_cancel_asynchronously(&file)
+                && stack_walking_runtime.is_none()
                 && sources
                     .as_ref()
                     .is_some_and(|sources| !sources.compiled_with("-fnon-call-exceptions")),
@@ -255,6 +286,7 @@ impl FunctionTable {
                 has_dwarf,
                 from_symbol_table: true,
                 can_unwind: table.can_unwind,
+                stack_walking_runtime: table.stack_walking_runtime,
                 leaf_uretprobes: table.leaf_uretprobes,
                 runtime: table.runtime.clone(),
                 sources: None,
