@@ -21,7 +21,7 @@ use nix::{
 };
 use omegi_tests::{
     fixtures::{self, Linking},
-    run::{self, Agent, Traced},
+    run::{self, refused, Agent, Traced},
     spans::{parse_lines, traces, SpanRecord, TraceView},
 };
 
@@ -766,26 +766,6 @@ fn list_works_unprivileged() {
 }
 
 // --- bad input ----------------------------------------------------------
-
-/// Runs the agent, which must refuse: a non-zero exit (not a signal: a panic
-/// aborting would be one), exactly one line on stderr starting with
-/// `omegi-agent: error: `, nothing on stdout. Returns the line.
-fn refused(command: Command) -> String {
-    let shown = format!("{command:?}");
-    let (status, stdout, stderr) = run::run_to_end(command);
-    assert!(
-        status.code().is_some_and(|code| code != 0),
-        "{shown} ended with {status}: {stderr}"
-    );
-    assert_eq!(stdout, "", "{shown}");
-    assert!(!stderr.contains("panicked"), "{shown}: {stderr}");
-    assert_eq!(stderr.lines().count(), 1, "{shown}: {stderr}");
-    assert!(
-        stderr.starts_with("omegi-agent: error: "),
-        "{shown}: {stderr}"
-    );
-    stderr.trim_end().to_owned()
-}
 
 fn agent_command(args: &[&str]) -> Command {
     agent();

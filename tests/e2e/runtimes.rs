@@ -12,7 +12,7 @@ use std::{
 use omegi_agent::discovery::{DiscoveryError, FunctionTable, Selection};
 use omegi_tests::{
     fixtures::{self, Linking},
-    run::{self, Agent},
+    run::{self, refused, Agent},
 };
 
 const BOTH: [Linking; 2] = [Linking::Pie, Linking::NoPie];
@@ -31,23 +31,6 @@ fn agent_command(args: &[&str]) -> Command {
     command
 }
 
-/// The agent must refuse with one line and a non-zero exit; returns it.
-fn refused(command: Command) -> String {
-    let shown = format!("{command:?}");
-    let (status, stdout, stderr) = run::run_to_end(command);
-    assert!(
-        status.code().is_some_and(|code| code != 0),
-        "{shown} ended with {status}: {stderr}"
-    );
-    assert_eq!(stdout, "", "{shown}");
-    assert_eq!(stderr.lines().count(), 1, "{shown}: {stderr}");
-    assert!(
-        stderr.starts_with("omegi-agent: error: "),
-        "{shown}: {stderr}"
-    );
-    stderr.trim_end().to_owned()
-}
-
 /// The Go fixture, built plain (PIE and not) and stripped with
 /// `-ldflags=-s -w`.
 fn go_builds() -> Vec<PathBuf> {
@@ -57,15 +40,10 @@ fn go_builds() -> Vec<PathBuf> {
         .collect();
     let dir = omegi_tests::scratch_dir("go-stripped");
     let stripped = dir.join("growstack-stripped");
-    let status = Command::new(fixtures::GO)
-        .args(["build", "-ldflags=-s -w", "-o"])
+    let status = fixtures::go_build()
+        .args(["-ldflags=-s -w", "-o"])
         .arg(&stripped)
         .arg(fixtures::sources_dir().join("go/growstack.go"))
-        .env("GOCACHE", omegi_tests::target_dir().join("go-cache"))
-        .env("GOTOOLCHAIN", "local")
-        .env("GOPROXY", "off")
-        .env("GO111MODULE", "off")
-        .env("CGO_ENABLED", "0")
         .status()
         .unwrap();
     assert!(status.success());

@@ -106,15 +106,7 @@ pub fn build(file: &str, linking: Linking) -> PathBuf {
             cmd
         }
         Lang::Go => {
-            let mut cmd = Command::new(GO);
-            let cache = crate::target_dir().join("go-cache");
-            cmd.arg("build")
-                .env("GOCACHE", &cache)
-                .env("GOPATH", cache.join("gopath"))
-                .env("GOTOOLCHAIN", "local")
-                .env("GOPROXY", "off")
-                .env("GO111MODULE", "off")
-                .env("CGO_ENABLED", "0");
+            let mut cmd = go_build();
             if linking == Linking::Pie {
                 cmd.arg("-buildmode=pie");
             }
@@ -165,6 +157,21 @@ pub fn build(file: &str, linking: Linking) -> PathBuf {
 
 /// Debian's Go 1.19 (the package does not put `go` on PATH).
 pub const GO: &str = "/usr/lib/go-1.19/bin/go";
+
+/// `go build` as the fixtures are built: this toolchain only, no network,
+/// no module, no cgo, caches under the target directory.
+pub fn go_build() -> Command {
+    let mut cmd = Command::new(GO);
+    let cache = crate::target_dir().join("go-cache");
+    cmd.arg("build")
+        .env("GOCACHE", &cache)
+        .env("GOPATH", cache.join("gopath"))
+        .env("GOTOOLCHAIN", "local")
+        .env("GOPROXY", "off")
+        .env("GO111MODULE", "off")
+        .env("CGO_ENABLED", "0");
+    cmd
+}
 
 fn extra_flags(source: &Path) -> Vec<String> {
     let text = std::fs::read_to_string(source).unwrap_or_default();

@@ -146,3 +146,23 @@ pub fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<ExitSta
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Runs the agent, which must refuse: a non-zero exit (not a signal: a panic
+/// aborting would be one), exactly one line on stderr starting with
+/// `omegi-agent: error: `, nothing on stdout. Returns the line.
+pub fn refused(command: Command) -> String {
+    let shown = format!("{command:?}");
+    let (status, stdout, stderr) = run_to_end(command);
+    assert!(
+        status.code().is_some_and(|code| code != 0),
+        "{shown} ended with {status}: {stderr}"
+    );
+    assert_eq!(stdout, "", "{shown}");
+    assert!(!stderr.contains("panicked"), "{shown}: {stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{shown}: {stderr}");
+    assert!(
+        stderr.starts_with("omegi-agent: error: "),
+        "{shown}: {stderr}"
+    );
+    stderr.trim_end().to_owned()
+}
