@@ -146,7 +146,7 @@ async fn trace(
     mechanism: ReturnMechanism,
     child: Option<GatedChild>,
 ) -> anyhow::Result<Outcome> {
-    let (mut probes, maps, counters) = Probes::load(&config.kernel, table.functions.len())?;
+    let (mut probes, maps, counters) = Probes::load(&config.kernel, &table)?;
     let rules = crate::assembly::rules::for_functions(&table, &config.error_rules);
     // The kernel side needs the rules too: --min-duration keeps failing calls.
     for (id, rule) in &rules {

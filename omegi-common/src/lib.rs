@@ -205,17 +205,21 @@ pub mod error_kind {
 pub const ERROR_TEXT_LEN: usize = 128;
 
 /// A frame of the stack at an error: the traced calls in flight, outermost
-/// first.
+/// first. The kernel copies what it has and reads one word of user memory per
+/// frame, with no branch: where in each function the call was made is worked
+/// out by the agent ([`ErrorEvent::call_offset`]), so that the copy stays a
+/// straight line the verifier of every kernel walks once.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ErrorFrame {
     pub fn_id: u32,
-    /// Where in this function the call towards the error was made: the
-    /// return address of the next frame (or of the call into the runtime,
-    /// for the innermost one) minus this frame's entry probe address; 0 when
-    /// unknown.
-    pub call_offset: u32,
+    pub _pad: u32,
     pub span_id: u64,
+    /// `rip` at the frame's entry probe.
+    pub entry_ip: u64,
+    /// The word at the frame's entry `rsp`: its return address, where its
+    /// caller resumes (0 when unreadable).
+    pub return_address: u64,
 }
 
 /// Something on the error path, with the thread's stack at that moment.
@@ -235,12 +239,57 @@ pub struct ErrorEvent {
     /// Valid entries of `frames`.
     pub depth: u32,
     pub _pad: u32,
-    /// Valid bytes of each of `texts` (0 when absent).
+    /// Where the innermost frame called into the runtime (the return address
+    /// at a throw), 0 when unknown.
+    pub innermost_return: u64,
+    /// What the read of each of `texts` returned, as the kernel's string
+    /// helper counts it (the terminating NUL included); 0, or more than
+    /// [`ERROR_TEXT_LEN`] (a failed read's negative error), when absent. See
+    /// [`ErrorEvent::text`].
     pub text_lens: [u16; 4],
     /// The traced calls in flight, outermost first.
     pub frames: [ErrorFrame; MAX_DEPTH],
     /// See [`text`].
     pub texts: [[u8; ERROR_TEXT_LEN]; 4],
+}
+
+impl ErrorEvent {
+    /// Where in frame `index` the call towards the error was made, as an
+    /// offset from the function's entry: the next frame's return address (or
+    /// [`innermost_return`](Self::innermost_return) for the innermost frame)
+    /// minus this frame's entry address; 0 when unknown or not in the
+    /// function.
+    pub fn call_offset(&self, index: usize) -> u32 {
+        let depth = (self.depth as usize).min(MAX_DEPTH);
+        if index >= depth {
+            return 0;
+        }
+        let return_address = if index + 1 < depth {
+            self.frames[index + 1].return_address
+        } else {
+            self.innermost_return
+        };
+        let offset = return_address.wrapping_sub(self.frames[index].entry_ip);
+        if return_address == 0 || offset >= u64::from(u32::MAX) {
+            0
+        } else {
+            offset as u32
+        }
+    }
+
+    /// The bytes of text `index` (see [`text`]): up to what the read
+    /// returned and to the first NUL.
+    pub fn text(&self, index: usize) -> &[u8] {
+        let read = usize::from(self.text_lens[index]);
+        let bytes = &self.texts[index][..read.min(ERROR_TEXT_LEN)];
+        if read > ERROR_TEXT_LEN {
+            return &[];
+        }
+        match bytes.iter().position(|&b| b == 0) {
+            Some(end) => &bytes[..end],
+            None => bytes,
+        }
+    }
 }
 
 /// Indices into [`ErrorEvent::texts`].
@@ -355,6 +404,15 @@ pub mod globals {
     /// `u32`: how many `THREAD_SLOTS` slots are used (a power of two, at
     /// most `THREAD_SLOTS`; 0 keeps every stack in the hash map).
     pub const THREAD_SLOTS_USED: &str = "THREAD_SLOTS_USED";
+    /// `u32`: byte offsets of `task_struct.mm` and `mm_struct.start_code`
+    /// (from the kernel's BTF), for the programs that find a probe by its
+    /// address on kernels without attach cookies.
+    pub const TASK_MM_OFFSET: &str = "TASK_MM_OFFSET";
+    pub const MM_START_CODE_OFFSET: &str = "MM_START_CODE_OFFSET";
+    /// `u64`: the link-time address of the probed executable's lowest
+    /// executable segment: the kernel's `mm->start_code` minus this is the
+    /// process's load bias.
+    pub const EXEC_START: &str = "EXEC_START";
 }
 
 /// Names of the programs and maps in the eBPF object.
@@ -362,9 +420,15 @@ pub mod names {
     pub const PROG_ENTRY: &str = "omegi_entry";
     pub const PROG_EXIT: &str = "omegi_exit";
     pub const PROG_URETPROBE: &str = "omegi_uretprobe";
+    /// The function probes for kernels without attach cookies (before
+    /// 5.15), which find a probe's function by its address in `PROBE_SITES`.
+    pub const PROG_ENTRY_BY_ADDRESS: &str = "omegi_entry_by_address";
+    pub const PROG_EXIT_BY_ADDRESS: &str = "omegi_exit_by_address";
+    pub const PROG_URETPROBE_BY_ADDRESS: &str = "omegi_uretprobe_by_address";
     pub const PROG_FORK: &str = "omegi_fork";
     pub const PROG_TASK_EXIT: &str = "omegi_task_exit";
     pub const PROG_CXX_THROW: &str = "omegi_cxx_throw";
+    pub const PROG_CXX_RETHROW: &str = "omegi_cxx_rethrow";
     pub const PROG_CXX_CATCH: &str = "omegi_cxx_catch";
     pub const PROG_RUST_PANIC: &str = "omegi_rust_panic";
     pub const PROG_RUST_PANIC_MESSAGE: &str = "omegi_rust_panic_message";
@@ -378,6 +442,7 @@ pub mod names {
     pub const MAP_THREAD_SLOTS: &str = "THREAD_SLOTS";
     pub const MAP_STATE: &str = "STATE";
     pub const MAP_FUNCTIONS: &str = "FUNCTIONS";
+    pub const MAP_PROBE_SITES: &str = "PROBE_SITES";
 }
 
 #[cfg(feature = "user")]

@@ -7,10 +7,10 @@
 //! left behind.
 
 use aya_ebpf::{
-    helpers::{bpf_get_attach_cookie, bpf_ktime_get_ns, bpf_probe_read_user, generated},
+    helpers::{bpf_ktime_get_ns, generated},
     macros::{tracepoint, uprobe, uretprobe},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
-    EbpfContext, Global,
+    Global,
 };
 use omegi_common::{
     counter, end_reason, error_kind, event_kind, text, ErrorEvent, ThreadStack, ERROR_TEXT_LEN,
@@ -34,35 +34,39 @@ static EXIT_CODE_OFFSET: Global<u32> = Global::new(16);
 const FATAL_SIGNALS: u64 =
     (1 << 4) | (1 << 5) | (1 << 6) | (1 << 7) | (1 << 8) | (1 << 11) | (1 << 31);
 
-/// `__cxa_throw(void *object, std::type_info *type, void (*destructor)(void *))`
-/// and `__cxa_rethrow()`; the cookie holds the error kind.
+/// `__cxa_throw(void *object, std::type_info *type, void (*destructor)(void *))`.
 #[uprobe]
 pub fn omegi_cxx_throw(ctx: ProbeContext) -> u32 {
-    let kind = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) } as u32;
     let regs = unsafe { &*ctx.regs };
     let (object, type_info) = (regs.rdi, regs.rsi);
     // Where the throw statement called into the runtime.
-    let throw_site = read_u64(regs.rsp);
-    let Some(event) = start_error(kind, throw_site) else {
+    let Some(event) = start_error(error_kind::CXX_THROW, read_u64(regs.rsp)) else {
         return 0;
     };
-    if kind == error_kind::CXX_THROW {
-        // std::type_info is {vtable, const char *name}; a class with one
-        // public base (__si_class_type_info) adds the base's type_info.
-        read_str(read_u64(type_info + 8), event, text::TYPE);
-        let base = read_u64(type_info + 16);
-        if base != 0 {
-            read_str(read_u64(base + 8), event, text::BASE);
-            let base2 = read_u64(base + 16);
-            if base2 != 0 {
-                read_str(read_u64(base2 + 8), event, text::BASE2);
-            }
-        }
-        // libstdc++'s runtime_error and logic_error hold their what()
-        // string right after the vtable (a __cow_string: one char pointer).
-        read_str(read_u64(object + 8), event, text::MESSAGE);
-    }
+    // std::type_info is {vtable, const char *name}; a class with one public
+    // base (__si_class_type_info) adds the base's type_info. Read as if it
+    // were one, whatever it is: a read of a null or wrong pointer fails and
+    // leaves nothing, and the agent checks the names. No branch here: every
+    // one would double what the verifier walks.
+    read_str(read_u64(type_info + 8), event, text::TYPE);
+    let base = read_u64(type_info + 16);
+    read_str(read_u64(base + 8), event, text::BASE);
+    let base2 = read_u64(base + 16);
+    read_str(read_u64(base2 + 8), event, text::BASE2);
+    // libstdc++'s runtime_error and logic_error hold their what() string
+    // right after the vtable (a __cow_string: one char pointer).
+    read_str(read_u64(object + 8), event, text::MESSAGE);
     submit(event);
+    0
+}
+
+/// `__cxa_rethrow()`: the exception being handled leaves again.
+#[uprobe]
+pub fn omegi_cxx_rethrow(ctx: ProbeContext) -> u32 {
+    let throw_site = read_u64(unsafe { (*ctx.regs).rsp });
+    if let Some(event) = start_error(error_kind::CXX_RETHROW, throw_site) {
+        submit(event);
+    }
     0
 }
 
@@ -214,6 +218,7 @@ fn reserve(kind: u32, tgid: u32, tid: u32) -> Option<&'static mut ErrorEvent> {
     event.value = 0;
     event.depth = 0;
     event._pad = 0;
+    event.innermost_return = 0;
     event.text_lens = [0; 4];
     Some(event)
 }
@@ -223,49 +228,46 @@ fn submit(event: &'static mut ErrorEvent) {
     unsafe { generated::bpf_ringbuf_submit((event as *mut ErrorEvent).cast(), 0) };
 }
 
-/// Copies the traced calls in flight, outermost first, with where each one
-/// made the call towards the next (its callee's return address, read from
-/// the callee's frame).
+/// Copies the traced calls in flight, outermost first, each with the return
+/// address at its entry stack pointer (the agent works out the call sites,
+/// see `ErrorEvent::call_offset`). All `MAX_DEPTH` slots, valid or not, and
+/// no branch: a straight line that every kernel's verifier walks once (a
+/// loop that stops at the depth, with a branch or two per frame, was too
+/// much for 6.1's).
 #[inline(always)]
 fn copy_stack(stack: &ThreadStack, event: &mut ErrorEvent, innermost_return: u64) {
-    let depth = (stack.depth as usize).min(MAX_DEPTH);
-    event.depth = depth as u32;
+    event.depth = (stack.depth as usize).min(MAX_DEPTH) as u32;
+    event.innermost_return = innermost_return;
     for index in 0..MAX_DEPTH {
-        if index >= depth {
-            break;
-        }
         let frame = &stack.frames[stack::slot(index)];
-        let return_address = if index + 1 < depth {
-            read_u64(stack.frames[stack::slot(index + 1)].sp)
-        } else {
-            innermost_return
-        };
-        let offset = return_address.wrapping_sub(frame.entry_ip);
         let out = &mut event.frames[stack::slot(index)];
         out.fn_id = frame.fn_id;
-        out.call_offset = if return_address != 0 && offset < u64::from(u32::MAX) {
-            offset as u32
-        } else {
-            0
-        };
+        out._pad = 0;
         out.span_id = frame.span_id;
+        out.entry_ip = frame.entry_ip;
+        out.return_address = read_u64(frame.sp);
     }
 }
 
+/// The word at `address` in the current process, 0 when it cannot be read
+/// (the helper zeroes its destination on failure). No branch.
 #[inline(always)]
 fn read_u64(address: u64) -> u64 {
-    if address == 0 {
-        return 0;
-    }
-    unsafe { bpf_probe_read_user(address as *const u64) }.unwrap_or(0)
+    let mut value = 0u64;
+    unsafe {
+        generated::bpf_probe_read_user(
+            (&mut value as *mut u64).cast(),
+            8,
+            address as *const _,
+        )
+    };
+    value
 }
 
-/// Reads a NUL-terminated string at `address` into `event.texts[index]`.
+/// Reads a NUL-terminated string at `address` into `event.texts[index]`,
+/// keeping what the helper returned for the agent to judge (no branch).
 #[inline(always)]
 fn read_str(address: u64, event: &mut ErrorEvent, index: usize) {
-    if address == 0 {
-        return;
-    }
     let index = index & 3;
     let destination = &mut event.texts[index];
     let read = unsafe {
@@ -275,6 +277,5 @@ fn read_str(address: u64, event: &mut ErrorEvent, index: usize) {
             address as *const _,
         )
     };
-    // The helper counts the NUL it writes.
-    event.text_lens[index] = if read > 1 { (read - 1) as u16 } else { 0 };
+    event.text_lens[index] = read as u16;
 }

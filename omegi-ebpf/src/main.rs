@@ -25,7 +25,10 @@ mod errors;
 mod stack;
 
 use aya_ebpf::{
-    helpers::{bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_attach_cookie, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
+        bpf_probe_read_kernel,
+    },
     macros::{map, tracepoint, uprobe, uretprobe},
     maps::{Array, HashMap, PerCpuArray, RingBuf},
     programs::{ProbeContext, RetProbeContext, TracePointContext},
@@ -49,10 +52,12 @@ static TGIDS: HashMap<u32, u8> = HashMap::with_max_entries(16384, 0);
 
 /// Shadow stacks by thread id, created at a thread's first traced call and
 /// removed when the thread exits, for threads whose `THREAD_SLOTS` slot was
-/// taken (see `stack::thread_stack`).
+/// taken (see `stack::thread_stack`). Preallocated: kernels before 6.1 refuse
+/// tracing programs a hash map that allocates (and allocating in a probe
+/// costs), so this many stacks (15 MB) are reserved whatever the load; a
+/// thread beyond them is counted (`THREADS_FULL`), not traced.
 #[map]
-static THREADS: HashMap<u32, ThreadStack> =
-    HashMap::with_max_entries(16384, aya_ebpf::bindings::BPF_F_NO_PREALLOC);
+static THREADS: HashMap<u32, ThreadStack> = HashMap::with_max_entries(4096, 0);
 
 /// Shadow stacks in slot `tid % THREAD_SLOTS`, owned by `ThreadStack::owner`.
 #[map]
@@ -76,6 +81,21 @@ static STATE: Array<u32> = Array::with_max_entries(state::COUNT, 0);
 #[map]
 static FUNCTIONS: Array<FunctionState> =
     Array::with_max_entries(1, aya_ebpf::bindings::BPF_F_MMAPABLE);
+
+/// Probe sites by link-time address → the cookie they would carry, for the
+/// programs of kernels without attach cookies (`*_by_address`); sized by the
+/// agent (1 where unused).
+#[map]
+static PROBE_SITES: HashMap<u64, u64> = HashMap::with_max_entries(1, 0);
+
+#[no_mangle]
+static TASK_MM_OFFSET: Global<u32> = Global::new(0);
+
+#[no_mangle]
+static MM_START_CODE_OFFSET: Global<u32> = Global::new(0);
+
+#[no_mangle]
+static EXEC_START: Global<u64> = Global::new(0);
 
 #[no_mangle]
 static SPLIT_AFTER_NS: Global<u64> = Global::new(0);
@@ -103,42 +123,101 @@ static EXIT_GROUP_DEAD_OFFSET: Global<u32> = Global::new(0);
 // The three function probes below are loaded twice: by aya, for links of
 // one probe each, and by the agent itself with the `uprobe_multi` attach
 // type, for links of many probes (attach/multi.rs). The code is the same.
+// Kernels without attach cookies (before 5.15) get the `*_by_address`
+// variants instead.
 
 #[uprobe]
 pub fn omegi_entry(ctx: ProbeContext) -> u32 {
-    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
-    if !current_generation(cookie) {
-        return 0;
-    }
-    let fn_flags = (cookie >> ENTRY_FLAGS_SHIFT) as u32 & span_flags::OPEN_EXITS;
-    let regs = unsafe { &*ctx.regs };
-    stack::on_entry(&ctx, cookie as u32, fn_flags, regs.rsp, regs.rip);
+    on_entry(&ctx, unsafe { bpf_get_attach_cookie(ctx.as_ptr()) });
     0
 }
 
 /// A probe on a `ret` or tail jump: `rsp` is the frame's entry value again.
 #[uprobe]
 pub fn omegi_exit(ctx: ProbeContext) -> u32 {
-    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
-    if !current_generation(cookie) {
-        return 0;
-    }
-    let reason = (cookie >> EXIT_KIND_SHIFT) as u32 & 0xff;
-    let regs = unsafe { &*ctx.regs };
-    stack::on_exit(regs.rsp, reason, regs.rax);
+    on_exit(&ctx, unsafe { bpf_get_attach_cookie(ctx.as_ptr()) });
     0
 }
 
 /// The kernel's return probe: `ret` has already popped the return address.
 #[uretprobe]
 pub fn omegi_uretprobe(ctx: RetProbeContext) -> u32 {
-    let cookie = unsafe { bpf_get_attach_cookie(ctx.as_ptr()) };
+    on_return(&ctx, unsafe { bpf_get_attach_cookie(ctx.as_ptr()) });
+    0
+}
+
+#[uprobe]
+pub fn omegi_entry_by_address(ctx: ProbeContext) -> u32 {
+    if let Some(cookie) = site_cookie(&ctx) {
+        on_entry(&ctx, cookie);
+    }
+    0
+}
+
+#[uprobe]
+pub fn omegi_exit_by_address(ctx: ProbeContext) -> u32 {
+    if let Some(cookie) = site_cookie(&ctx) {
+        on_exit(&ctx, cookie);
+    }
+    0
+}
+
+/// A uretprobe needs no cookie but its generation, which links of one probe
+/// each never change (0).
+#[uretprobe]
+pub fn omegi_uretprobe_by_address(ctx: RetProbeContext) -> u32 {
+    on_return(&ctx, 0);
+    0
+}
+
+#[inline(always)]
+fn on_entry(ctx: &ProbeContext, cookie: u64) {
     if !current_generation(cookie) {
-        return 0;
+        return;
+    }
+    let fn_flags = (cookie >> ENTRY_FLAGS_SHIFT) as u32 & span_flags::OPEN_EXITS;
+    let regs = unsafe { &*ctx.regs };
+    stack::on_entry(ctx, cookie as u32, fn_flags, regs.rsp, regs.rip);
+}
+
+#[inline(always)]
+fn on_exit(ctx: &ProbeContext, cookie: u64) {
+    if !current_generation(cookie) {
+        return;
+    }
+    let reason = (cookie >> EXIT_KIND_SHIFT) as u32 & 0xff;
+    let regs = unsafe { &*ctx.regs };
+    stack::on_exit(regs.rsp, reason, regs.rax);
+}
+
+#[inline(always)]
+fn on_return(ctx: &RetProbeContext, cookie: u64) {
+    if !current_generation(cookie) {
+        return;
     }
     let regs = unsafe { &*ctx.regs };
     stack::on_exit(regs.rsp.wrapping_sub(8), end_reason::RETURNED, regs.rax);
-    0
+}
+
+/// The cookie of the probe that fired, found by its address: `rip` (the
+/// probe's address in this process) minus the process's load bias is the
+/// site's link-time address. The bias is the kernel's `mm->start_code`
+/// (where the executable's lowest executable segment was mapped) minus that
+/// segment's link-time address; 0 for an executable that is not PIE.
+#[inline(always)]
+fn site_cookie(ctx: &ProbeContext) -> Option<u64> {
+    let task = unsafe { bpf_get_current_task() } as *const u8;
+    let mm: *const u8 = unsafe {
+        bpf_probe_read_kernel(task.add(TASK_MM_OFFSET.load() as usize) as *const *const u8)
+    }
+    .ok()?;
+    let start_code: u64 = unsafe {
+        bpf_probe_read_kernel(mm.add(MM_START_CODE_OFFSET.load() as usize) as *const u64)
+    }
+    .ok()?;
+    let bias = start_code.wrapping_sub(EXEC_START.load());
+    let ip = unsafe { (*ctx.regs).rip };
+    unsafe { PROBE_SITES.get(&ip.wrapping_sub(bias)) }.copied()
 }
 
 /// Whether a function probe belongs to the probe set in use (see

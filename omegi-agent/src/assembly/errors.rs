@@ -309,13 +309,12 @@ pub fn freeze(error: &ThreadError) -> Arc<ErrorInfo> {
 
 fn stack_of(event: &ErrorEvent) -> Vec<StackFrame> {
     let depth = (event.depth as usize).min(event.frames.len());
-    event.frames[..depth]
-        .iter()
+    (0..depth)
         .rev()
-        .map(|frame| StackFrame {
-            fn_id: frame.fn_id,
-            span_id: frame.span_id,
-            call_offset: frame.call_offset,
+        .map(|index| StackFrame {
+            fn_id: event.frames[index].fn_id,
+            span_id: event.frames[index].span_id,
+            call_offset: event.call_offset(index),
         })
         .collect()
 }
@@ -326,8 +325,7 @@ fn innermost(event: &ErrorEvent) -> Option<&omegi_common::ErrorFrame> {
 }
 
 fn event_text(event: &ErrorEvent, index: usize) -> String {
-    let len = usize::from(event.text_lens[index]).min(event.texts[index].len());
-    String::from_utf8_lossy(&event.texts[index][..len]).into_owned()
+    String::from_utf8_lossy(event.text(index)).into_owned()
 }
 
 /// libstdc++ types whose object holds the `what()` string right after the

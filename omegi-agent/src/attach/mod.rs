@@ -6,8 +6,10 @@
 //! no events on this kernel). Children of traced processes are added to the
 //! map by the `sched_process_fork` tracepoint.
 
+pub mod features;
 pub mod functions;
 pub mod multi;
+pub mod refusal;
 pub mod system;
 
 use std::{
@@ -25,10 +27,11 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use omegi_common::{
-    end_reason, error_kind, globals, names, span_flags, state, ThreadStack, ALL_PROCESSES_KEY,
+    end_reason, globals, names, span_flags, state, ThreadStack, ALL_PROCESSES_KEY,
     ENTRY_FLAGS_SHIFT, EXIT_KIND_SHIFT, GENERATION_SHIFT,
 };
 
+pub use features::KernelFeatures;
 pub use functions::FunctionCounters;
 
 use crate::discovery::{ExitKind, Function, FunctionTable, RuntimeSymbol};
@@ -49,6 +52,21 @@ pub enum AttachError {
     Tracefs(String),
     #[error("loading the eBPF programs failed: {0}")]
     Load(#[from] aya::EbpfError),
+    #[error("the kernel {kernel} refused the eBPF program {program}: {reason} ({log_file})")]
+    Refused {
+        program: &'static str,
+        kernel: String,
+        reason: String,
+        log_file: String,
+    },
+    #[error(
+        "this kernel ({kernel}) has no attach cookies (Linux 5.15+), and telling probes apart \
+         without them needs the kernel's BTF: {source}"
+    )]
+    NoProbeIdentity {
+        kernel: String,
+        source: features::BtfError,
+    },
     #[error("eBPF program {name}: {source}")]
     Program {
         name: &'static str,
@@ -189,27 +207,46 @@ pub struct AttachReport {
     pub took: Duration,
 }
 
-/// The probes of one traced function, as they are linked: file offsets and
-/// cookies (without the generation).
+/// A probe's place: where it goes in the file, its link-time address (how
+/// the programs of kernels without attach cookies find it), and its cookie
+/// (without the generation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Site {
+    file_offset: u64,
+    address: u64,
+    cookie: u64,
+}
+
+impl Site {
+    fn new(site: &crate::discovery::ProbeSite, cookie: u64) -> Self {
+        Self {
+            file_offset: site.file_offset,
+            address: site.address,
+            cookie,
+        }
+    }
+}
+
+/// The probes of one traced function, as they are linked.
 #[derive(Clone, Debug)]
 struct FunctionProbes {
     id: u32,
     /// The entry probe (`omegi_entry`).
-    entry: (u64, u64),
+    entry: Site,
     /// Uretprobes at the entry (`omegi_uretprobe`), where the binary cannot
     /// unwind.
-    returns: Vec<(u64, u64)>,
+    returns: Vec<Site>,
     /// Probes on exit instructions (`omegi_exit`): every `ret` and tail jump
     /// with return sites; only the tail jumps with uretprobes, which see
     /// returns but not a `jmp` out of the function (unprobed, a tail call
     /// would end `replaced` when a traced function it jumps to starts, or
     /// else when that one returns).
-    exits: Vec<(u64, u64)>,
+    exits: Vec<Site>,
 }
 
 impl FunctionProbes {
     fn new(function: &Function, uretprobe: bool) -> Option<Self> {
-        let entry = function.code.entry.as_ref()?.file_offset;
+        let entry = function.code.entry.as_ref()?;
         let id = u64::from(function.id);
         let exits = function
             .code
@@ -221,17 +258,14 @@ impl FunctionProbes {
                     ExitKind::Return => end_reason::RETURNED,
                     ExitKind::TailJump => end_reason::TAIL_CALL,
                 };
-                (
-                    exit.site.file_offset,
-                    (u64::from(reason) << EXIT_KIND_SHIFT) | id,
-                )
+                Site::new(&exit.site, (u64::from(reason) << EXIT_KIND_SHIFT) | id)
             })
             .collect();
         Some(Self {
             id: function.id,
-            entry: (entry, entry_cookie(function)),
+            entry: Site::new(entry, entry_cookie(function)),
             returns: if uretprobe {
-                vec![(entry, id)]
+                vec![Site::new(entry, id)]
             } else {
                 Vec::new()
             },
@@ -273,25 +307,102 @@ pub struct Probes {
     ebpf: Option<Ebpf>,
     tgids: BpfHashMap<MapData, u32, u8>,
     state: Array<MapData, u32>,
+    /// What the kernel offers, as found at load.
+    features: KernelFeatures,
     /// The function probe programs loaded for `uprobe_multi`, when the
     /// kernel took them.
     multi: Option<multi::MultiPrograms>,
     attach_mode: AttachMode,
+    /// The function probe programs for links of one probe each.
+    single: SinglePrograms,
+    /// Probe sites by address, for [`SinglePrograms::BY_ADDRESS`].
+    probe_sites: Option<BpfHashMap<MapData, u64, u64>>,
+    /// The per-function counters' map, held open: the programs loaded
+    /// after [`load`](Self::load) (the error path's) refer to it by this
+    /// descriptor.
+    _functions_map: MapData,
     /// What each attached function's probes are, to link them again.
     attached: Vec<FunctionProbes>,
     links: FunctionLinks,
 }
 
+/// The programs of function probes (entry, exit, uretprobe) for links of one
+/// probe each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct SinglePrograms {
+    entry: &'static str,
+    exit: &'static str,
+    uretprobe: &'static str,
+    /// The programs read their cookie with `bpf_get_attach_cookie`; the
+    /// others look the probe up by address in `PROBE_SITES`.
+    cookies: bool,
+}
+
+impl SinglePrograms {
+    const WITH_COOKIES: Self = Self {
+        entry: names::PROG_ENTRY,
+        exit: names::PROG_EXIT,
+        uretprobe: names::PROG_URETPROBE,
+        cookies: true,
+    };
+    const BY_ADDRESS: Self = Self {
+        entry: names::PROG_ENTRY_BY_ADDRESS,
+        exit: names::PROG_EXIT_BY_ADDRESS,
+        uretprobe: names::PROG_URETPROBE_BY_ADDRESS,
+        cookies: false,
+    };
+
+    fn all(self) -> [&'static str; 3] {
+        [self.entry, self.exit, self.uretprobe]
+    }
+}
+
 impl Probes {
-    /// Loads the programs and attaches the fork and exit tracepoints.
-    /// `functions` is the size of the function table (the kernel keeps
-    /// counts per function).
+    /// Loads the programs `table` needs and attaches the fork, exit, signal
+    /// and `exit_group` tracepoints. The error path's probes are loaded by
+    /// [`attach_error_hooks`](Self::attach_error_hooks), only those the
+    /// binary's runtime has (each takes the verifier a while, and a C
+    /// program needs no C++ throw probe).
     pub fn load(
         options: &KernelOptions,
-        functions: usize,
+        table: &FunctionTable,
     ) -> Result<(Self, KernelMaps, FunctionCounters), AttachError> {
         system::check_privileges()?;
         system::check_uprobes()?;
+        let features = KernelFeatures::probe();
+        tracing::debug!("kernel features: {features:?}");
+        if options.attach_mode == AttachMode::Multi && !features.uprobe_multi {
+            return Err(AttachError::Multi(format!(
+                "this kernel ({}) has no uprobe_multi links (Linux 6.6+)",
+                features.release
+            )));
+        }
+        let single = if features.attach_cookies {
+            SinglePrograms::WITH_COOKIES
+        } else {
+            SinglePrograms::BY_ADDRESS
+        };
+        let task_offsets = if single.cookies {
+            features::TaskOffsets {
+                task_mm: 0,
+                mm_start_code: 0,
+            }
+        } else {
+            features::task_offsets().map_err(|source| AttachError::NoProbeIdentity {
+                kernel: features.release.clone(),
+                source,
+            })?
+        };
+        let probe_sites: usize = if single.cookies {
+            1
+        } else {
+            table
+                .functions
+                .iter()
+                .map(|function| 1 + function.code.exits.len())
+                .sum()
+        };
+
         let tracefs = system::ensure_tracefs()?;
         let offset = |category, name, field| {
             system::tracepoint_field_offset(&tracefs, category, name, field)
@@ -303,6 +414,7 @@ impl Probes {
         // Newer kernels only; without it exited processes stay in TGIDS.
         let group_dead = offset("sched", "sched_process_exit", "group_dead").unwrap_or(0);
 
+        let functions = table.functions.len();
         let split_after_ns = u64::try_from(options.split_after.as_nanos()).unwrap_or(u64::MAX);
         let min_duration_ns = u64::try_from(options.min_duration.as_nanos()).unwrap_or(u64::MAX);
         let budget_short_ns = u64::try_from(options.budget_short.as_nanos()).unwrap_or(u64::MAX);
@@ -319,11 +431,22 @@ impl Probes {
             .override_global(globals::MIN_DURATION_NS, &min_duration_ns, true)
             .override_global(globals::BUDGET_SHORT_NS, &budget_short_ns, true)
             .override_global(globals::THREAD_SLOTS_USED, &options.thread_slots, true)
+            .override_global(globals::TASK_MM_OFFSET, &task_offsets.task_mm, true)
+            .override_global(
+                globals::MM_START_CODE_OFFSET,
+                &task_offsets.mm_start_code,
+                true,
+            )
+            .override_global(globals::EXEC_START, &table.exec_start, true)
             .override_global("AYA_LOG_LEVEL", &log_level, false)
             .map_max_entries(names::MAP_EVENTS, options.ring_size)
             .map_max_entries(
                 names::MAP_FUNCTIONS,
                 u32::try_from(functions.max(1)).unwrap_or(u32::MAX),
+            )
+            .map_max_entries(
+                names::MAP_PROBE_SITES,
+                u32::try_from(probe_sites.max(1)).unwrap_or(u32::MAX),
             )
             .load(EBPF_OBJECT)?;
 
@@ -334,25 +457,15 @@ impl Probes {
             (names::PROG_EXIT_GROUP, "syscalls", "sys_enter_exit_group"),
         ] {
             let tracepoint: &mut TracePoint = program_mut(&mut ebpf, program)?;
-            tracepoint.load().map_err(|source| AttachError::Program {
-                name: program,
-                source,
-            })?;
+            tracepoint
+                .load()
+                .map_err(|error| refusal::refused(program, error))?;
             tracepoint
                 .attach(category, name)
                 .map_err(|source| AttachError::Program {
                     name: program,
                     source,
                 })?;
-        }
-        for program in [
-            names::PROG_CXX_THROW,
-            names::PROG_CXX_CATCH,
-            names::PROG_RUST_PANIC,
-            names::PROG_RUST_PANIC_MESSAGE,
-            names::PROG_RUST_CATCH,
-        ] {
-            load_uprobe(&mut ebpf, program)?;
         }
 
         // The function probes, for uprobe_multi links, while every map is
@@ -361,6 +474,7 @@ impl Probes {
         // takes a while).
         let multi = match options.attach_mode {
             AttachMode::Single => None,
+            _ if !features.uprobe_multi => None,
             mode => match multi::load_programs(EBPF_OBJECT, &ebpf, FUNCTION_PROGRAMS) {
                 Ok(programs) => Some(programs),
                 Err(error) if mode == AttachMode::Auto => {
@@ -372,7 +486,7 @@ impl Probes {
         };
 
         if multi.is_none() {
-            for program in FUNCTION_PROGRAMS {
+            for program in single.all() {
                 load_uprobe(&mut ebpf, program)?;
             }
         }
@@ -400,6 +514,11 @@ impl Probes {
         };
         let tgids = take_map(&mut ebpf, names::MAP_TGIDS)?;
         let state = take_map(&mut ebpf, names::MAP_STATE)?;
+        let probe_sites = if single.cookies {
+            None
+        } else {
+            Some(take_map(&mut ebpf, names::MAP_PROBE_SITES)?)
+        };
         let functions_map: MapData = take_map_data(&mut ebpf, names::MAP_FUNCTIONS)?;
         let counters = FunctionCounters::map(&functions_map, functions.max(1))
             .map_err(AttachError::Counters)?;
@@ -408,14 +527,23 @@ impl Probes {
                 ebpf: Some(ebpf),
                 tgids,
                 state,
+                features,
                 multi,
                 attach_mode: options.attach_mode,
+                single,
+                probe_sites,
+                _functions_map: functions_map,
                 attached: Vec::new(),
                 links: FunctionLinks::None,
             },
             maps,
             counters,
         ))
+    }
+
+    /// What the kernel offers, as found at load.
+    pub fn features(&self) -> &KernelFeatures {
+        &self.features
     }
 
     /// Puts entry and exit probes on every function of `table`, in the file
@@ -468,7 +596,10 @@ impl Probes {
         self.attach_single(table, target, probes, started)
     }
 
-    /// One perf-event link per probe (kernels without uprobe_multi).
+    /// One perf-event link per probe (kernels without uprobe_multi). Each
+    /// function's exits are watched before its entry, so that no call is
+    /// entered before its way out is watched; a function whose entry probe
+    /// fails loses its exit probes too.
     fn attach_single(
         &mut self,
         table: &FunctionTable,
@@ -476,13 +607,14 @@ impl Probes {
         probes: Vec<FunctionProbes>,
         started: Instant,
     ) -> Result<AttachReport, AttachError> {
+        let single = self.single;
         let ebpf = self
             .ebpf
             .as_mut()
             .expect("probes are attached before detach");
         if self.multi.take().is_some() {
             // Loaded for multi links, which the kernel then refused.
-            for program in FUNCTION_PROGRAMS {
+            for program in single.all() {
                 load_uprobe(ebpf, program)?;
             }
         }
@@ -491,13 +623,49 @@ impl Probes {
         let mut links = Vec::new();
         let mut attached = Vec::new();
         let name_of = |id: u32| table.get(id).map_or("?", |f| f.name.as_str());
+        let cookie = |site: &Site| single.cookies.then_some(site.cookie);
 
-        let entry: &mut UProbe = program_mut(ebpf, names::PROG_ENTRY)?;
         for function in probes {
-            let (offset, cookie) = function.entry;
-            match attach_one(entry, offset, cookie, target) {
+            if let Some(sites) = &mut self.probe_sites {
+                for site in std::iter::once(&function.entry).chain(&function.exits) {
+                    sites
+                        .insert(site.address, site.cookie, 0)
+                        .map_err(|source| AttachError::Map {
+                            name: names::MAP_PROBE_SITES,
+                            source,
+                        })?;
+                }
+            }
+            let mut function_links = Vec::new();
+            for (program, sites) in [
+                (single.uretprobe, &function.returns),
+                (single.exit, &function.exits),
+            ] {
+                let probe: &mut UProbe = program_mut(ebpf, program)?;
+                for site in sites {
+                    match attach_one(probe, site.file_offset, cookie(site), target) {
+                        Ok(link) => {
+                            function_links.push((function.id, program, link));
+                            report.exit_probes += 1;
+                        }
+                        Err(error) => tracing::warn!(
+                            "no exit probe at file offset {:#x} in {}: {error}",
+                            site.file_offset,
+                            name_of(function.id)
+                        ),
+                    }
+                }
+            }
+            let entry: &mut UProbe = program_mut(ebpf, single.entry)?;
+            match attach_one(
+                entry,
+                function.entry.file_offset,
+                cookie(&function.entry),
+                target,
+            ) {
                 Ok(link) => {
-                    links.push((function.id, names::PROG_ENTRY, link));
+                    links.extend(function_links);
+                    links.push((function.id, single.entry, link));
                     report.entry_probes += 1;
                     attached.push(function);
                 }
@@ -505,6 +673,11 @@ impl Probes {
                     tracing::warn!("not tracing {}: {error}", name_of(function.id));
                     report.failed += 1;
                     first_error.get_or_insert(error.to_string());
+                    for (_, program, link) in function_links {
+                        report.exit_probes -= 1;
+                        let probe: &mut UProbe = program_mut(ebpf, program)?;
+                        let _ = probe.detach(link);
+                    }
                 }
             }
         }
@@ -513,28 +686,6 @@ impl Probes {
                 binary: target.display().to_string(),
                 first_error: first_error.unwrap_or_else(|| "no functions".into()),
             });
-        }
-        for program in [names::PROG_URETPROBE, names::PROG_EXIT] {
-            let exit: &mut UProbe = program_mut(ebpf, program)?;
-            for function in &attached {
-                let sites = if program == names::PROG_EXIT {
-                    &function.exits
-                } else {
-                    &function.returns
-                };
-                for &(offset, cookie) in sites {
-                    match attach_one(exit, offset, cookie, target) {
-                        Ok(link) => {
-                            links.push((function.id, program, link));
-                            report.exit_probes += 1;
-                        }
-                        Err(error) => tracing::warn!(
-                            "no exit probe at file offset {offset:#x} in {}: {error}",
-                            name_of(function.id)
-                        ),
-                    }
-                }
-            }
         }
         report.functions = report.entry_probes;
         report.took = started.elapsed();
@@ -613,11 +764,12 @@ impl Probes {
     }
 
     /// Puts probes on the language runtime's throw, panic and catch points,
-    /// so that exceptions and panics are seen with their type and message.
-    /// `pid` is the running process, when there is one, whose own copy of a
-    /// shared runtime (libstdc++) is probed; otherwise the system's. Returns
-    /// how many probes were attached; failures are logged, not fatal (the
-    /// error path is then seen only as unwound calls).
+    /// so that exceptions and panics are seen with their type and message;
+    /// loads only the programs of the hooks the binary has. `pid` is the
+    /// running process, when there is one, whose own copy of a shared
+    /// runtime (libstdc++) is probed; otherwise the system's. Returns how
+    /// many probes were attached; failures are logged, not fatal (the error
+    /// path is then seen only as unwound calls).
     pub fn attach_error_hooks(
         &mut self,
         table: &FunctionTable,
@@ -630,22 +782,12 @@ impl Probes {
             .expect("probes are attached before detach");
         let hooks = &table.runtime;
         let cxx = [
-            (
-                &hooks.cxx_throw,
-                names::PROG_CXX_THROW,
-                error_kind::CXX_THROW,
-            ),
-            (
-                &hooks.cxx_rethrow,
-                names::PROG_CXX_THROW,
-                error_kind::CXX_RETHROW,
-            ),
-            (
-                &hooks.cxx_begin_catch,
-                names::PROG_CXX_CATCH,
-                error_kind::CXX_CATCH,
-            ),
-        ];
+            (&hooks.cxx_throw, names::PROG_CXX_THROW),
+            (&hooks.cxx_rethrow, names::PROG_CXX_RETHROW),
+            (&hooks.cxx_begin_catch, names::PROG_CXX_CATCH),
+        ]
+        .into_iter()
+        .filter_map(|(symbol, program)| Some((symbol.as_ref()?, program, "C++ runtime")));
         let rust = [
             (hooks.rust_panic, names::PROG_RUST_PANIC),
             (hooks.rust_panic_message, names::PROG_RUST_PANIC_MESSAGE),
@@ -657,15 +799,39 @@ impl Probes {
                 .rust_panic_catch
                 .iter()
                 .map(|&offset| (offset, names::PROG_RUST_CATCH)),
-        );
+        )
+        .map(|(file_offset, program)| {
+            (
+                RuntimeSymbol::InBinary { file_offset },
+                program,
+                "Rust panic runtime",
+            )
+        })
+        .collect::<Vec<_>>();
+        let hooks = cxx
+            .map(|(symbol, program, runtime)| (symbol.clone(), program, runtime))
+            .chain(rust);
+
         let mut attached = 0;
-        for (symbol, program, kind) in cxx {
-            let Some(symbol) = symbol else { continue };
-            let result = program_mut::<UProbe>(ebpf, program)
-                .map_err(|e| e.to_string())
-                .and_then(|probe| match symbol {
+        let mut loaded = std::collections::HashMap::new();
+        for (symbol, program, runtime) in hooks {
+            let load = loaded
+                .entry(program)
+                .or_insert_with(|| {
+                    program_mut::<UProbe>(ebpf, program)
+                        .and_then(|probe| {
+                            probe
+                                .load()
+                                .map_err(|error| refusal::refused(program, error))
+                        })
+                        .map_err(|error| error.to_string())
+                })
+                .clone();
+            let result = load.and_then(|()| {
+                let probe = program_mut::<UProbe>(ebpf, program).map_err(|e| e.to_string())?;
+                match &symbol {
                     RuntimeSymbol::InBinary { file_offset } => {
-                        attach_one(probe, *file_offset, u64::from(kind), target)
+                        attach_one(probe, *file_offset, None, target)
                             .map(|_| ())
                             .map_err(|e| e.to_string())
                     }
@@ -673,33 +839,20 @@ impl Probes {
                         let library = shared_library(pid, "libstdc++");
                         let point = UProbeAttachPoint {
                             location: UProbeAttachLocation::Symbol(name),
-                            cookie: Some(u64::from(kind)),
+                            cookie: None,
                         };
                         probe
                             .attach(point, &library, UProbeScope::AllProcesses)
                             .map(|_| ())
                             .map_err(|e| format!("{}: {e}", library.display()))
                     }
-                });
+                }
+            });
             match result {
                 Ok(()) => attached += 1,
                 Err(error) => tracing::warn!(
-                    "no probe on the C++ runtime ({program}): exceptions will show only as unwound calls: {error}"
-                ),
-            }
-        }
-        for (offset, program) in rust {
-            let result = program_mut::<UProbe>(ebpf, program)
-                .map_err(|e| e.to_string())
-                .and_then(|probe| {
-                    attach_one(probe, offset, 0, target)
-                        .map(|_| ())
-                        .map_err(|e| e.to_string())
-                });
-            match result {
-                Ok(()) => attached += 1,
-                Err(error) => tracing::warn!(
-                    "no probe on the Rust panic runtime ({program}): panics will show only as unwound calls: {error}"
+                    "no probe on the {runtime} ({program}): {} will show only as unwound calls: {error}",
+                    if runtime.starts_with("Rust") { "panics" } else { "exceptions" }
                 ),
             }
         }
@@ -765,26 +918,28 @@ fn shared_library(pid: Option<u32>, prefix: &str) -> std::path::PathBuf {
 /// A `STATE[GENERATION]` no probe's cookie carries (those hold 8 bits).
 const STOPPED_GENERATION: u32 = 0x100;
 
-/// The programs of function probes (entry and exits).
+/// The programs of function probes (entry and exits) for `uprobe_multi`
+/// links (which exist only on kernels with attach cookies).
 const FUNCTION_PROGRAMS: [&str; 3] = [names::PROG_ENTRY, names::PROG_EXIT, names::PROG_URETPROBE];
 
 fn load_uprobe(ebpf: &mut Ebpf, program: &'static str) -> Result<(), AttachError> {
     let uprobe: &mut UProbe = program_mut(ebpf, program)?;
-    uprobe.load().map_err(|source| AttachError::Program {
-        name: program,
-        source,
-    })
+    uprobe
+        .load()
+        .map_err(|error| refusal::refused(program, error))
 }
 
+/// `cookie` is `None` for programs that do not read one (on kernels
+/// without attach cookies aya refuses to attach with one).
 fn attach_one(
     program: &mut UProbe,
     file_offset: u64,
-    cookie: u64,
+    cookie: Option<u64>,
     target: &Path,
 ) -> Result<UProbeLinkId, ProgramError> {
     let point = UProbeAttachPoint {
         location: UProbeAttachLocation::AbsoluteOffset(file_offset),
-        cookie: Some(cookie),
+        cookie,
     };
     program.attach(point, target, UProbeScope::AllProcesses)
 }
@@ -800,13 +955,13 @@ fn link_multi(
 ) -> std::io::Result<Vec<OwnedFd>> {
     let tag = u64::from(generation) << GENERATION_SHIFT;
     let mut links = Vec::with_capacity(3);
-    let mut link = |program: &OwnedFd, uretprobe: bool, sites: Vec<&(u64, u64)>| {
+    let mut link = |program: &OwnedFd, uretprobe: bool, sites: Vec<&Site>| {
         if sites.is_empty() {
             return Ok(());
         }
         let (offsets, cookies): (Vec<u64>, Vec<u64>) = sites
             .into_iter()
-            .map(|&(offset, cookie)| (offset, cookie | tag))
+            .map(|site| (site.file_offset, site.cookie | tag))
             .unzip();
         links.push(multi::attach(
             program.as_fd(),

@@ -25,10 +25,10 @@ use std::{
 use aya::{maps::Map, Ebpf};
 
 /// `bpf(2)` commands.
-const BPF_PROG_LOAD: libc::c_long = 5;
-const BPF_LINK_CREATE: libc::c_long = 28;
+pub(super) const BPF_PROG_LOAD: libc::c_long = 5;
+pub(super) const BPF_LINK_CREATE: libc::c_long = 28;
 /// `enum bpf_prog_type`: uprobes are kprobe programs.
-const BPF_PROG_TYPE_KPROBE: u32 = 2;
+pub(super) const BPF_PROG_TYPE_KPROBE: u32 = 2;
 /// `enum bpf_attach_type`.
 pub const BPF_TRACE_UPROBE_MULTI: u32 = 48;
 /// `link_create.uprobe_multi.flags`: return probes (uretprobes).
@@ -129,7 +129,7 @@ impl UprobeMultiAttr {
     }
 }
 
-fn bpf<T>(command: libc::c_long, attr: &mut T) -> io::Result<OwnedFd> {
+pub(super) fn bpf<T>(command: libc::c_long, attr: &mut T) -> io::Result<OwnedFd> {
     // SAFETY: `attr` is a valid bpf_attr prefix of the given size; every
     // pointer in it refers to memory the caller keeps alive for the call.
     let fd = unsafe {

@@ -108,6 +108,20 @@ pub fn file_offset(file: &object::File<'_>, address: u64) -> Option<u64> {
     })
 }
 
+/// The link-time address of the lowest executable `PT_LOAD` segment, as the
+/// kernel's ELF loader takes it for `mm->start_code` (before adding the load
+/// bias); 0 when there is none.
+pub fn executable_start(file: &object::File<'_>) -> u64 {
+    const PF_X: u32 = 1;
+    file.segments()
+        .filter(|segment| {
+            matches!(segment.flags(), object::SegmentFlags::Elf { p_flags } if p_flags & PF_X != 0)
+        })
+        .map(|segment| segment.address())
+        .min()
+        .unwrap_or(0)
+}
+
 /// Reads `size` bytes of code at virtual address `address`.
 pub fn code_at<'data>(file: &object::File<'data>, address: u64, size: u64) -> Option<&'data [u8]> {
     file.sections()

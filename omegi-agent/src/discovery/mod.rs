@@ -181,6 +181,10 @@ pub struct FunctionTable {
     pub leaf_uretprobes: bool,
     /// Where C++ exceptions and Rust panics can be seen.
     pub runtime: RuntimeHooks,
+    /// The link-time address of the lowest executable segment: where a
+    /// process maps it (the kernel's `mm->start_code`) minus this is the
+    /// process's load bias.
+    pub exec_start: u64,
     /// Source lines by address, for the call sites in error stack traces.
     pub sources: Option<std::sync::Arc<SourceIndex>>,
 }
@@ -199,6 +203,7 @@ impl FunctionTable {
             stack_walking_runtime: None,
             leaf_uretprobes: true,
             runtime: RuntimeHooks::default(),
+            exec_start: 0,
             sources: None,
         }
     }
@@ -265,6 +270,7 @@ impl FunctionTable {
                     .as_ref()
                     .is_some_and(|sources| !sources.compiled_with("-fnon-call-exceptions")),
             runtime: runtime::find(&file),
+            exec_start: elf::executable_start(&file),
             sources: None,
         };
         let select = Selector {
@@ -289,6 +295,7 @@ impl FunctionTable {
                 stack_walking_runtime: table.stack_walking_runtime,
                 leaf_uretprobes: table.leaf_uretprobes,
                 runtime: table.runtime.clone(),
+                exec_start: table.exec_start,
                 sources: None,
             };
             select.fill(&mut fallback, true);
