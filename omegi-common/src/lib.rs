@@ -431,7 +431,8 @@ pub mod names {
     pub const PROG_CXX_RETHROW: &str = "omegi_cxx_rethrow";
     pub const PROG_CXX_CATCH: &str = "omegi_cxx_catch";
     pub const PROG_RUST_PANIC: &str = "omegi_rust_panic";
-    pub const PROG_RUST_PANIC_MESSAGE: &str = "omegi_rust_panic_message";
+    pub const PROG_RUST_PANIC_STR: &str = "omegi_rust_panic_str";
+    pub const PROG_RUST_PANIC_STRING: &str = "omegi_rust_panic_string";
     pub const PROG_RUST_CATCH: &str = "omegi_rust_catch";
     pub const PROG_SIGNAL: &str = "omegi_signal";
     pub const PROG_EXIT_GROUP: &str = "omegi_exit_group";

@@ -28,6 +28,14 @@ static SIGNAL_HANDLER_OFFSET: Global<u32> = Global::new(24);
 #[no_mangle]
 static EXIT_CODE_OFFSET: Global<u32> = Global::new(16);
 
+/// Byte offsets of a Rust `String`'s buffer pointer and length (`{cap,
+/// ptr, len}` in std since 1.67).
+#[no_mangle]
+static STRING_PTR_OFFSET: Global<u32> = Global::new(8);
+
+#[no_mangle]
+static STRING_LEN_OFFSET: Global<u32> = Global::new(16);
+
 /// Signals whose default action ends the process with a core dump: the
 /// program's own fault or abort (SIGILL, SIGTRAP, SIGABRT, SIGBUS, SIGFPE,
 /// SIGSEGV, SIGSYS).
@@ -87,36 +95,55 @@ pub fn omegi_rust_panic(_ctx: ProbeContext) -> u32 {
     0
 }
 
-/// Return of `std::panicking::payload_as_str`, which the default panic hook
-/// calls to get the message: a `&str` in `rax`/`rdx`. Only read while the
-/// thread is panicking through traced calls.
+/// Return of a panic payload's `PanicPayload::get` that gives a `&&str`
+/// (`StaticStrPayload` of `panic!("literal")`, `begin_panic`'s `&str`
+/// payload). `panic_with_hook` calls `get` before running whatever hook is
+/// installed, the default or the program's own, so the message is read here
+/// rather than from the default hook.
 #[uretprobe]
-pub fn omegi_rust_panic_message(ctx: RetProbeContext) -> u32 {
+pub fn omegi_rust_panic_str(ctx: RetProbeContext) -> u32 {
+    // &&str: the &str is {ptr, len}.
+    let str_ref = unsafe { (*ctx.regs).rax };
+    panic_message(read_u64(str_ref), read_u64(str_ref + 8));
+    0
+}
+
+/// Return of a payload's `get` that gives a `&String`
+/// (`FormatStringPayload` of `panic!("{x}")`, which `get` has just
+/// formatted, and `begin_panic`'s `String` payload).
+#[uretprobe]
+pub fn omegi_rust_panic_string(ctx: RetProbeContext) -> u32 {
+    let string = unsafe { (*ctx.regs).rax };
+    panic_message(
+        read_u64(string + u64::from(STRING_PTR_OFFSET.load())),
+        read_u64(string + u64::from(STRING_LEN_OFFSET.load())),
+    );
+    0
+}
+
+/// Reports `len` bytes at `ptr` as the message of the panic in flight on
+/// this thread, if it panics through traced calls.
+#[inline(always)]
+fn panic_message(ptr: u64, len: u64) {
     let Some((tgid, tid)) = traced_thread() else {
-        return 0;
+        return;
     };
     let Some(stack) = stack::thread_stack(tid) else {
-        return 0;
+        return;
     };
     if stack.unwinding == 0 {
-        return 0;
+        return;
     }
-    let regs = unsafe { &*ctx.regs };
     let Some(event) = reserve(error_kind::RUST_PANIC_MESSAGE, tgid, tid) else {
-        return 0;
+        return;
     };
-    let len = (regs.rdx as usize).min(ERROR_TEXT_LEN);
+    let len = (len as usize).min(ERROR_TEXT_LEN);
     let destination = &mut event.texts[text::MESSAGE];
     let read = unsafe {
-        generated::bpf_probe_read_user(
-            destination.as_mut_ptr().cast(),
-            len as u32,
-            regs.rax as *const _,
-        )
+        generated::bpf_probe_read_user(destination.as_mut_ptr().cast(), len as u32, ptr as *const _)
     };
     event.text_lens[text::MESSAGE] = if read == 0 { len as u16 } else { 0 };
     submit(event);
-    0
 }
 
 /// `__rust_panic_cleanup`: `catch_unwind` caught a panic.

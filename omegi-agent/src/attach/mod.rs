@@ -788,26 +788,29 @@ impl Probes {
         ]
         .into_iter()
         .filter_map(|(symbol, program)| Some((symbol.as_ref()?, program, "C++ runtime")));
-        let rust = [
-            (hooks.rust_panic, names::PROG_RUST_PANIC),
-            (hooks.rust_panic_message, names::PROG_RUST_PANIC_MESSAGE),
-        ]
-        .into_iter()
-        .filter_map(|(offset, program)| Some((offset?, program)))
-        .chain(
-            hooks
-                .rust_panic_catch
-                .iter()
-                .map(|&offset| (offset, names::PROG_RUST_CATCH)),
-        )
-        .map(|(file_offset, program)| {
-            (
-                RuntimeSymbol::InBinary { file_offset },
-                program,
-                "Rust panic runtime",
+        let rust = hooks
+            .rust_panic
+            .iter()
+            .map(|&offset| (offset, names::PROG_RUST_PANIC))
+            .chain(
+                [
+                    (&hooks.rust_payload_str, names::PROG_RUST_PANIC_STR),
+                    (&hooks.rust_payload_string, names::PROG_RUST_PANIC_STRING),
+                    (&hooks.rust_panic_catch, names::PROG_RUST_CATCH),
+                ]
+                .into_iter()
+                .flat_map(|(offsets, program)| {
+                    offsets.iter().map(move |&offset| (offset, program))
+                }),
             )
-        })
-        .collect::<Vec<_>>();
+            .map(|(file_offset, program)| {
+                (
+                    RuntimeSymbol::InBinary { file_offset },
+                    program,
+                    "Rust panic runtime",
+                )
+            })
+            .collect::<Vec<_>>();
         let hooks = cxx
             .map(|(symbol, program, runtime)| (symbol.clone(), program, runtime))
             .chain(rust);

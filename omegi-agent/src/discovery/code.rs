@@ -150,6 +150,15 @@ pub fn analyze(ranges: &[CodeRange<'_>]) -> CodeAnalysis {
                         analysis.conditional_exits += 1;
                     }
                 }
+                // `jmp *disp(%rip)`: a tail call through the GOT or a
+                // function pointer in static memory (a jump table needs an
+                // index register), so it leaves the function.
+                FlowControl::IndirectBranch if is_rip_relative_memory(&instruction) => {
+                    analysis.exits.push(Exit {
+                        site: site(&instruction),
+                        kind: ExitKind::TailJump,
+                    })
+                }
                 FlowControl::IndirectBranch => analysis.indirect_jumps += 1,
                 FlowControl::Call | FlowControl::IndirectCall => analysis.calls += 1,
                 _ => {}
@@ -193,6 +202,12 @@ fn site(instruction: &Instruction) -> ProbeSite {
 
 fn mnemonic(instruction: &Instruction) -> String {
     format!("{:?}", instruction.mnemonic()).to_lowercase()
+}
+
+fn is_rip_relative_memory(instruction: &Instruction) -> bool {
+    instruction.op0_kind() == OpKind::Memory
+        && instruction.memory_base() == iced_x86::Register::RIP
+        && instruction.memory_index() == iced_x86::Register::None
 }
 
 fn is_near_direct(instruction: &Instruction) -> bool {
@@ -288,6 +303,23 @@ mod tests {
         assert_eq!(a.exits[0].kind, ExitKind::TailJump);
         assert_eq!(a.exits[0].site.cost, ProbeCost::Emulated);
         assert!(a.exits_complete());
+    }
+
+    #[test]
+    fn a_jump_through_the_got_is_a_tail_call_exit() {
+        // lea rdi,[rip+0]; jmp qword ptr [rip+0x40d8e]
+        let a = analyze_bytes(&[
+            0x48, 0x8d, 0x3d, 0, 0, 0, 0, 0xff, 0x25, 0x8e, 0x0d, 0x04, 0x00,
+        ]);
+        assert_eq!(a.exits.len(), 1);
+        assert_eq!(a.exits[0].kind, ExitKind::TailJump);
+        assert_eq!(a.exits[0].site.address, 0x1007);
+        assert_eq!(a.indirect_jumps, 0);
+        assert!(a.exits_complete());
+        // jmp qword ptr [rax*8+0x2000]: a jump table, not an exit.
+        let table = analyze_bytes(&[0xff, 0x24, 0xc5, 0x00, 0x20, 0x00, 0x00, 0xc3]);
+        assert_eq!(table.indirect_jumps, 1);
+        assert!(!table.exits_complete());
     }
 
     #[test]

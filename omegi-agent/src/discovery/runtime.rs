@@ -25,14 +25,24 @@ pub struct RuntimeHooks {
     /// `std::panicking::panic_with_hook` (called `rust_panic_with_hook`
     /// before Rust 1.89): every panic goes through it (file offset).
     pub rust_panic: Option<u64>,
-    /// `std::panicking::payload_as_str`: the default hook gets the message
-    /// from it (file offset).
-    pub rust_panic_message: Option<u64>,
-    /// Where `catch_unwind` catches a panic (file offsets): every instance
-    /// of std's `do_catch`, which the unwinder calls in the frame that
-    /// called the panicking closure — so every traced call below it was
-    /// unwound. Only when there is none, `__rust_panic_cleanup` (called
-    /// deeper, so the catcher it reports may be one of the unwound calls).
+    /// The panic payloads' `PanicPayload::get` (file offsets), which
+    /// `panic_with_hook` calls before any hook runs: those returning a
+    /// `&&str` (`StaticStrPayload`, `begin_panic::Payload<&str>`) and those
+    /// returning a `&String` (`FormatStringPayload`, freshly formatted, and
+    /// `begin_panic::Payload<String>`).
+    pub rust_payload_str: Vec<u64>,
+    pub rust_payload_string: Vec<u64>,
+    /// Where `catch_unwind` catches a panic (file offsets): each probe's
+    /// entry `rsp` must be that of a call made by the frame that called the
+    /// panicking closure, so that every traced call at or below it was
+    /// unwound and the frames above it were not. That is every instance of
+    /// std's `do_catch`, which the landing pad calls from that frame, and
+    /// std's `catch_unwind::cleanup`, which `do_catch` calls: from that frame
+    /// too where the optimizer inlined `do_catch` (always at `opt-level=3`,
+    /// where no instance is left), one frame deeper where it did not (and
+    /// then the `do_catch` probe has fired first and the second is ignored).
+    /// Only when there is neither, `__rust_panic_cleanup` (called deeper
+    /// still, so the catcher it reports may be one of the unwound calls).
     pub rust_panic_catch: Vec<u64>,
 }
 
@@ -40,6 +50,30 @@ impl RuntimeHooks {
     /// Whether the binary can throw C++ exceptions or panic.
     pub fn any(&self) -> bool {
         self.cxx_throw.is_some() || self.rust_panic.is_some()
+    }
+}
+
+/// What a panic payload's `get` returns.
+#[derive(Debug, PartialEq, Eq)]
+enum PayloadText {
+    Str,
+    String,
+}
+
+/// Whether `demangled` is a panic payload's `PanicPayload::get`, and what it
+/// gives. The payload types' module moved (`begin_panic_handler`, then
+/// `panic_handler`), so only the type's own name is matched.
+fn payload_getter(demangled: &str) -> Option<PayloadText> {
+    let payload = demangled
+        .strip_prefix('<')?
+        .strip_suffix(" as core::panic::PanicPayload>::get")?;
+    let (path, generics) = payload.split_at(payload.find('<').unwrap_or(payload.len()));
+    match (path.rsplit("::").next()?, generics) {
+        ("StaticStrPayload", "") | ("Payload", "<&str>") => Some(PayloadText::Str),
+        ("FormatStringPayload", "") | ("Payload", "<alloc::string::String>") => {
+            Some(PayloadText::String)
+        }
+        _ => None,
     }
 }
 
@@ -82,9 +116,12 @@ pub fn find(file: &object::File<'_>) -> RuntimeHooks {
             {
                 hooks.rust_panic = offset();
             }
-        } else if name.contains("payload_as_str") {
-            if demangle(name) == "std::panicking::payload_as_str" {
-                hooks.rust_panic_message = offset();
+        } else if name.contains("Payload") {
+            let demangled = demangle(name);
+            match payload_getter(&demangled) {
+                Some(PayloadText::Str) => hooks.rust_payload_str.extend(offset()),
+                Some(PayloadText::String) => hooks.rust_payload_string.extend(offset()),
+                None => {}
             }
         } else if name.contains("do_catch") {
             let demangled = demangle(name);
@@ -93,14 +130,69 @@ pub fn find(file: &object::File<'_>) -> RuntimeHooks {
             {
                 hooks.rust_panic_catch.extend(offset());
             }
-        } else if name.contains("__rust_panic_cleanup") {
-            cleanup = offset();
+        } else if name.contains("cleanup") {
+            let demangled = demangle(name);
+            if demangled == "std::panicking::catch_unwind::cleanup"
+                || demangled == "std::panicking::try::cleanup"
+            {
+                hooks.rust_panic_catch.extend(offset());
+            } else if name.contains("__rust_panic_cleanup") {
+                cleanup = offset();
+            }
         }
     }
     if hooks.rust_panic_catch.is_empty() {
         hooks.rust_panic_catch.extend(cleanup);
     }
-    hooks.rust_panic_catch.sort_unstable();
-    hooks.rust_panic_catch.dedup();
+    for offsets in [
+        &mut hooks.rust_panic_catch,
+        &mut hooks.rust_payload_str,
+        &mut hooks.rust_payload_string,
+    ] {
+        offsets.sort_unstable();
+        offsets.dedup();
+    }
     hooks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panic_payload_getters_are_told_by_their_type() {
+        let get = |payload: &str| format!("<{payload} as core::panic::PanicPayload>::get");
+        for (payload, text) in [
+            (
+                "std::panicking::panic_handler::StaticStrPayload",
+                PayloadText::Str,
+            ),
+            (
+                "std::panicking::begin_panic_handler::StaticStrPayload",
+                PayloadText::Str,
+            ),
+            (
+                "std::panicking::begin_panic::Payload<&str>",
+                PayloadText::Str,
+            ),
+            (
+                "std::panicking::panic_handler::FormatStringPayload",
+                PayloadText::String,
+            ),
+            (
+                "std::panicking::begin_panic::Payload<alloc::string::String>",
+                PayloadText::String,
+            ),
+        ] {
+            assert_eq!(payload_getter(&get(payload)), Some(text), "{payload}");
+        }
+        for other in [
+            get("std::panicking::begin_panic::Payload<i32>"),
+            "<std::panicking::panic_handler::StaticStrPayload as core::panic::PanicPayload>::as_str"
+                .into(),
+            "std::panicking::payload_as_str".into(),
+        ] {
+            assert_eq!(payload_getter(&other), None, "{other}");
+        }
+    }
 }
