@@ -5,7 +5,7 @@
 use std::os::unix::process::ExitStatusExt;
 
 use omegi_tests::{
-    fixtures::{self, Linking},
+    fixtures::{self, Linking, Profile},
     run::{self, Agent, Traced},
     spans::{exceptions, traces, SpanRecord},
 };
@@ -33,7 +33,18 @@ fn without_ids(text: &str) -> String {
 /// Runs `file` traced and untraced and checks the program cannot tell:
 /// same stdout, stderr and exit status (code or signal).
 fn trace_unharmed(file: &str, linking: Linking, args: &[&str], extra: &[&str]) -> Traced {
-    let exe = fixtures::build(file, linking);
+    trace_unharmed_as(file, linking, Profile::Debug, args, extra)
+}
+
+/// [`trace_unharmed`] with the fixture built with `profile`.
+fn trace_unharmed_as(
+    file: &str,
+    linking: Linking,
+    profile: Profile,
+    args: &[&str],
+    extra: &[&str],
+) -> Traced {
+    let exe = fixtures::build_as(file, linking, profile);
     let traced = agent().trace(&exe, args, extra);
     let plain = run::untraced(&exe, args);
     assert_eq!(
@@ -256,6 +267,128 @@ fn rust_panics_caught_and_ending_a_thread() {
         assert_eq!(
             traced.spans.iter().filter(|span| span.is_error()).count(),
             7
+        );
+    }
+}
+
+#[test]
+fn rust_panics_in_optimized_builds_with_a_hook_of_their_own() {
+    for profile in [Profile::Release, Profile::ReleaseLto] {
+        for linking in [Linking::Pie, Linking::NoPie] {
+            let what = format!("{profile:?} {linking:?}");
+            let traced = trace_unharmed_as("rust/release_panics.rs", linking, profile, &[], &[]);
+            let errors = exceptions(&traced.spans);
+            let mut caught: Vec<(String, Vec<String>)> = errors
+                .iter()
+                .filter(|(_, e)| {
+                    e.text("omegi.error.outcome") == "caught in release_panics::handle_request"
+                })
+                .map(|(_, e)| (e.text("exception.message"), e.flow()))
+                .collect();
+            caught.sort();
+            // catch_unwind and its closure are inlined into handle_request:
+            // the flow is the two calls the panic left.
+            let flow = vec![
+                "release_panics::check_range".to_owned(),
+                "release_panics::parse_field".to_owned(),
+            ];
+            assert_eq!(
+                caught,
+                vec![
+                    ("the answer is not allowed".to_owned(), flow.clone()),
+                    ("value 700 out of range".to_owned(), flow.clone()),
+                ],
+                "{what}: the caught panics, with messages the program's own hook did not hide"
+            );
+            let ended: Vec<_> = errors
+                .iter()
+                .filter(|(_, e)| e.text("omegi.error.outcome") == "ended its thread")
+                .collect();
+            assert_eq!(ended.len(), 1, "{what}: {errors:?}");
+            assert_eq!(
+                ended[0].1.text("exception.message"),
+                "value 900 out of range"
+            );
+            assert_eq!(
+                ended[0].1.flow(),
+                vec![
+                    "release_panics::check_range",
+                    "release_panics::parse_field",
+                    "release_panics::worker"
+                ],
+                "{what}: worker did not catch the panic, it was left by it"
+            );
+            assert_eq!(errors.len(), 3, "{what}: {errors:?}");
+            // The first request returned: nothing of it is an error.
+            assert_eq!(
+                traced.spans.iter().filter(|span| span.is_error()).count(),
+                2 + 2 + 3,
+                "{what}"
+            );
+        }
+    }
+}
+
+#[test]
+fn cpp_exceptions_in_optimized_builds() {
+    for profile in [Profile::Release, Profile::ReleaseLto] {
+        let traced = trace_unharmed_as("cpp/errors_caught.cpp", Linking::Pie, profile, &[], &[]);
+        let mut errors: Vec<(String, String, Vec<String>)> = exceptions(&traced.spans)
+            .iter()
+            .map(|(_, e)| {
+                (
+                    e.text("exception.message"),
+                    e.text("omegi.error.outcome"),
+                    e.flow(),
+                )
+            })
+            .collect();
+        errors.sort();
+        // -O2 inlines parse_field, parse_record and log_and_rethrow (the
+        // rethrow happens inside outer): only check_range is left between
+        // the throw and each catcher. -flto inlines outer into main too, so
+        // main is where that catch is.
+        let outer = match profile {
+            Profile::ReleaseLto => "caught in main",
+            _ => "caught in outer",
+        };
+        assert_eq!(
+            errors,
+            vec![
+                (
+                    "value 500 out of range".to_owned(),
+                    outer.to_owned(),
+                    vec!["check_range".to_owned()]
+                ),
+                (
+                    "value 700 out of range".to_owned(),
+                    "caught in handle_request".to_owned(),
+                    vec!["check_range".to_owned()]
+                ),
+            ],
+            "{profile:?}"
+        );
+    }
+}
+
+#[test]
+fn rust_panic_abort_in_optimized_builds_ends_in_sigabrt() {
+    for profile in [Profile::Release, Profile::ReleaseLto] {
+        let traced = trace_unharmed_as("rust/errors_abort.rs", Linking::Pie, profile, &[], &[]);
+        assert_eq!(traced.status.signal(), Some(libc_sigabrt()), "{profile:?}");
+        let errors = exceptions(&traced.spans);
+        assert_eq!(errors.len(), 1, "{profile:?}");
+        let (_, error) = errors[0];
+        assert_eq!(
+            error.text("exception.message"),
+            "empty input",
+            "{profile:?}"
+        );
+        // read_header and decode are inlined into main.
+        assert_eq!(error.flow(), vec!["errors_abort::main"], "{profile:?}");
+        assert_eq!(
+            error.text("omegi.error.outcome"),
+            "the process was killed by SIGABRT"
         );
     }
 }

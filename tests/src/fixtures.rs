@@ -7,8 +7,8 @@
 //! // omegi-fixture: -O2
 //! ```
 //!
-//! Every fixture is built with debug info, once per test process and
-//! linking kind, into `target/fixtures/<pie|nopie>/`.
+//! Every fixture is built with debug info, once per test process, linking
+//! kind and [`Profile`], into `target/fixtures/<pie|nopie>[-profile]/`.
 
 use std::{
     collections::HashMap,
@@ -48,19 +48,74 @@ impl Linking {
     }
 }
 
+/// How much the compiler optimizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Profile {
+    /// `-O0` with frame pointers (C, C++), `opt-level=0` (Rust): every
+    /// function of the source is there.
+    Debug,
+    /// As programs ship: `-O2` (C, C++), `opt-level=3` (Rust). Small
+    /// functions are inlined and vanish; tail calls become jumps.
+    Release,
+    /// Whole-program: `-O2 -flto` (C, C++); `opt-level=3`, `lto = "fat"`,
+    /// `codegen-units = 1` (Rust), which also inlines across std.
+    ReleaseLto,
+}
+
+impl Profile {
+    fn dir_suffix(self) -> &'static str {
+        match self {
+            Profile::Debug => "",
+            Profile::Release => "-release",
+            Profile::ReleaseLto => "-lto",
+        }
+    }
+
+    fn c_flags(self) -> &'static [&'static str] {
+        match self {
+            Profile::Debug => &["-O0", "-fno-omit-frame-pointer"],
+            Profile::Release => &["-O2"],
+            Profile::ReleaseLto => &["-O2", "-flto"],
+        }
+    }
+
+    fn rust_flags(self) -> &'static [&'static str] {
+        match self {
+            Profile::Debug => &["-C", "opt-level=0"],
+            Profile::Release => &["-C", "opt-level=3"],
+            Profile::ReleaseLto => &[
+                "-C",
+                "opt-level=3",
+                "-C",
+                "lto=fat",
+                "-C",
+                "codegen-units=1",
+            ],
+        }
+    }
+}
+
 /// The directory holding the fixture sources: the project root to give the
 /// agent.
 pub fn sources_dir() -> PathBuf {
     crate::tests_dir().join("fixtures")
 }
 
-/// Builds `file` (relative to `tests/fixtures`, e.g. `c/calls.c`) and returns
-/// the executable's path.
+/// Builds `file` (relative to `tests/fixtures`, e.g. `c/calls.c`) with
+/// [`Profile::Debug`] and returns the executable's path.
 pub fn build(file: &str, linking: Linking) -> PathBuf {
-    static BUILT: Mutex<Option<HashMap<(String, Linking), PathBuf>>> = Mutex::new(None);
+    build_as(file, linking, Profile::Debug)
+}
+
+/// Builds `file` with `profile` (Go and OCaml fixtures are built one way
+/// whatever the profile).
+pub fn build_as(file: &str, linking: Linking, profile: Profile) -> PathBuf {
+    type Key = (String, Linking, Profile);
+    static BUILT: Mutex<Option<HashMap<Key, PathBuf>>> = Mutex::new(None);
     let mut built = BUILT.lock().unwrap_or_else(|poison| poison.into_inner());
     let built = built.get_or_insert_with(HashMap::new);
-    if let Some(path) = built.get(&(file.to_owned(), linking)) {
+    let key = (file.to_owned(), linking, profile);
+    if let Some(path) = built.get(&key) {
         return path.clone();
     }
     let source = sources_dir().join(file);
@@ -78,9 +133,11 @@ pub fn build(file: &str, linking: Linking) -> PathBuf {
         Some("ml") => Lang::OCaml,
         other => panic!("unknown fixture language {other:?} for {file}"),
     };
-    let out_dir = crate::target_dir()
-        .join("fixtures")
-        .join(linking.dir_name());
+    let out_dir = crate::target_dir().join("fixtures").join(format!(
+        "{}{}",
+        linking.dir_name(),
+        profile.dir_suffix()
+    ));
     std::fs::create_dir_all(&out_dir).unwrap();
     let output = out_dir.join(&stem);
     let extra = extra_flags(&source);
@@ -88,7 +145,7 @@ pub fn build(file: &str, linking: Linking) -> PathBuf {
     let mut command = match lang {
         Lang::C | Lang::Cpp => {
             let mut cmd = Command::new(if lang == Lang::C { "gcc" } else { "g++" });
-            cmd.args(["-g", "-O0", "-fno-omit-frame-pointer", "-pthread"]);
+            cmd.args(["-g", "-pthread"]).args(profile.c_flags());
             match linking {
                 Linking::Pie => cmd.args(["-fPIE", "-pie"]),
                 Linking::NoPie => cmd.args(["-fno-pie", "-no-pie"]),
@@ -98,7 +155,8 @@ pub fn build(file: &str, linking: Linking) -> PathBuf {
         }
         Lang::Rust => {
             let mut cmd = Command::new("rustc");
-            cmd.args(["--edition", "2021", "-g", "-C", "opt-level=0"]);
+            cmd.args(["--edition", "2021", "-g"])
+                .args(profile.rust_flags());
             if linking == Linking::NoPie {
                 cmd.args(["-C", "relocation-model=static"]);
             }
@@ -151,7 +209,7 @@ pub fn build(file: &str, linking: Linking) -> PathBuf {
         "building fixture {file} failed:\n{}",
         String::from_utf8_lossy(&result.stderr)
     );
-    built.insert((file.to_owned(), linking), output.clone());
+    built.insert(key, output.clone());
     output
 }
 
