@@ -6,7 +6,7 @@ use std::{ffi::OsString, path::PathBuf};
 
 use clap::{ArgGroup, Parser, ValueEnum};
 
-use crate::attach::{AttachMode, ReturnProbes};
+use crate::attach::{AttachMode, ProbeLookup, ReturnProbes};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -14,6 +14,7 @@ Examples:
   sudo omegi-agent -- ./server --port 8080    start a program under tracing
   sudo omegi-agent --binary /app/server       every process of a binary, now and later
   omegi-agent --list --binary ./server        what would be traced, without attaching
+  sudo omegi-agent --check                    what this kernel allows omegi to do
 
 Every OMEGI_* variable can also be given as the flag beside it; a flag wins.
 The otlp exporter reads the standard OTEL_EXPORTER_OTLP_* variables (ENDPOINT,
@@ -43,6 +44,12 @@ pub struct Cli {
     /// exit without attaching.
     #[arg(long)]
     pub list: bool,
+
+    /// Print what this kernel allows and what omegi will do on it (loading
+    /// every eBPF program through its verifier), then exit: 0 if omegi can
+    /// trace here, 1 if not.
+    #[arg(long, exclusive = true)]
+    pub check: bool,
 
     /// Functions whose source file lies under this directory are traced.
     #[arg(
@@ -167,6 +174,12 @@ pub struct Cli {
     #[arg(long, value_enum, default_value = "auto")]
     pub attach_mode: AttachMode,
 
+    /// How a probe finds its function: by its attach cookie (Linux 5.15+),
+    /// by its address (what older kernels need; to test that path on a new
+    /// one), or auto.
+    #[arg(long, value_enum, default_value = "auto", hide = true)]
+    pub probe_lookup: ProbeLookup,
+
     /// Thread stacks kept in array slots (found without hashing; a power of
     /// two up to 1024); the others live in a hash map. For tests.
     #[arg(long, default_value_t = omegi_common::THREAD_SLOTS, value_name = "N", hide = true)]
@@ -208,7 +221,9 @@ impl Cli {
     /// line wins over `OMEGI_BINARY`.
     pub fn try_parse_args() -> Result<Self, clap::Error> {
         use clap::{CommandFactory, FromArgMatches};
-        let required = binary_from_env().is_none();
+        // `--check` needs no target.
+        let checking = std::env::args_os().skip(1).any(|arg| arg == "--check");
+        let required = binary_from_env().is_none() && !checking;
         let mut matches = Self::command()
             .mut_group("target", |group| group.required(required))
             .try_get_matches()?;

@@ -125,6 +125,7 @@ impl Config {
             budget_short: budget.map_or(Duration::ZERO, |budget| budget.mean_duration),
             thread_slots: parse_thread_slots(cli.thread_slots)?,
             attach_mode: cli.attach_mode,
+            probe_lookup: cli.probe_lookup,
         };
         Ok(Self {
             target,

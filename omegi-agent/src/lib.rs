@@ -24,6 +24,7 @@ pub mod agent;
 pub mod assembly;
 pub mod attach;
 pub mod budget;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod discovery;

@@ -21,6 +21,13 @@ fn main() -> ExitCode {
         Err(error) => return usage_error(error),
     };
     init_logging(cli.quiet, cli.verbose, cli.debug_ebpf);
+    if cli.check {
+        return if omegi_agent::check::run() {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        };
+    }
     let config = match Config::from_cli(cli) {
         Ok(config) => config,
         Err(error) => return fail(&error.into()),

@@ -67,6 +67,8 @@ pub enum AttachError {
         kernel: String,
         source: features::BtfError,
     },
+    #[error("--probe-lookup cookie: this kernel ({0}) has no attach cookies (Linux 5.15+)")]
+    NoAttachCookies(String),
     #[error("eBPF program {name}: {source}")]
     Program {
         name: &'static str,
@@ -161,6 +163,17 @@ pub enum AttachMode {
     Single,
 }
 
+/// How a function probe finds its function.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProbeLookup {
+    /// By cookie where the kernel has attach cookies (5.15+), else by address.
+    Auto,
+    /// By the cookie it was attached with.
+    Cookie,
+    /// By its address, in a map (what kernels before 5.15 need).
+    Address,
+}
+
 /// Settings of the kernel side.
 #[derive(Clone, Debug)]
 pub struct KernelOptions {
@@ -173,6 +186,8 @@ pub struct KernelOptions {
     pub thread_slots: u32,
     /// How function probes are linked (`--attach-mode`).
     pub attach_mode: AttachMode,
+    /// How function probes find their function (`--probe-lookup`).
+    pub probe_lookup: ProbeLookup,
     /// See `SPLIT_AFTER_NS` in `omegi-common`.
     pub split_after: Duration,
     /// Trace every process that runs the binary (`--binary`).
@@ -377,11 +392,21 @@ impl Probes {
                 features.release
             )));
         }
-        let single = if features.attach_cookies {
-            SinglePrograms::WITH_COOKIES
-        } else {
-            SinglePrograms::BY_ADDRESS
+        let single = match (options.probe_lookup, features.attach_cookies) {
+            (ProbeLookup::Address, _) | (ProbeLookup::Auto, false) => SinglePrograms::BY_ADDRESS,
+            (ProbeLookup::Cookie | ProbeLookup::Auto, true) => SinglePrograms::WITH_COOKIES,
+            (ProbeLookup::Cookie, false) => {
+                return Err(AttachError::NoAttachCookies(features.release.clone()))
+            }
         };
+        // uprobe_multi links carry cookies; the programs that find their
+        // function by address are for links of one probe each.
+        let multi_possible = features.uprobe_multi && single.cookies;
+        if options.attach_mode == AttachMode::Multi && !multi_possible && features.uprobe_multi {
+            return Err(AttachError::Multi(
+                "uprobe_multi links need probes found by cookie (--probe-lookup)".into(),
+            ));
+        }
         let task_offsets = if single.cookies {
             features::TaskOffsets {
                 task_mm: 0,
@@ -474,7 +499,7 @@ impl Probes {
         // takes a while).
         let multi = match options.attach_mode {
             AttachMode::Single => None,
-            _ if !features.uprobe_multi => None,
+            _ if !multi_possible => None,
             mode => match multi::load_programs(EBPF_OBJECT, &ebpf, FUNCTION_PROGRAMS) {
                 Ok(programs) => Some(programs),
                 Err(error) if mode == AttachMode::Auto => {
@@ -544,6 +569,26 @@ impl Probes {
     /// What the kernel offers, as found at load.
     pub fn features(&self) -> &KernelFeatures {
         &self.features
+    }
+
+    /// Whether the function probes are linked with `uprobe_multi` (else one
+    /// link per probe), and whether they find their function by cookie
+    /// (else by address).
+    pub fn function_probe_kind(&self) -> (bool, bool) {
+        (self.multi.is_some(), self.single.cookies)
+    }
+
+    /// Loads every program of the error path, for `--check`: each one's
+    /// name and what the kernel said.
+    pub fn verify_error_programs(&mut self) -> Vec<(&'static str, Result<(), AttachError>)> {
+        let ebpf = self
+            .ebpf
+            .as_mut()
+            .expect("probes are attached before detach");
+        ERROR_PROGRAMS
+            .into_iter()
+            .map(|program| (program, load_uprobe(ebpf, program)))
+            .collect()
     }
 
     /// Puts entry and exit probes on every function of `table`, in the file
@@ -920,6 +965,17 @@ fn shared_library(pid: Option<u32>, prefix: &str) -> std::path::PathBuf {
 
 /// A `STATE[GENERATION]` no probe's cookie carries (those hold 8 bits).
 const STOPPED_GENERATION: u32 = 0x100;
+
+/// The programs of the language runtimes' error paths.
+const ERROR_PROGRAMS: [&str; 7] = [
+    names::PROG_RUST_CATCH,
+    names::PROG_CXX_THROW,
+    names::PROG_CXX_RETHROW,
+    names::PROG_CXX_CATCH,
+    names::PROG_RUST_PANIC,
+    names::PROG_RUST_PANIC_STR,
+    names::PROG_RUST_PANIC_STRING,
+];
 
 /// The programs of function probes (entry and exits) for `uprobe_multi`
 /// links (which exist only on kernels with attach cookies).
