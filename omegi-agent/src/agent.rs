@@ -286,14 +286,14 @@ async fn trace(
         let _ = task.await;
     }
     let detaching = Instant::now();
-    {
+    let links = {
         let mut probes = lock(&probes);
         probes.stop_tracing();
-        probes.detach();
-    }
-    tracing::debug!(
-        "probes removed in {:.1} ms",
-        detaching.elapsed().as_secs_f64() * 1e3
+        probes.detach()
+    };
+    tracing::info!(
+        "probes removed in {:.2} s ({links} links)",
+        detaching.elapsed().as_secs_f64()
     );
     let (maps, mut assembler) = reader.stop();
     let in_flight = events::calls_in_flight(&maps);

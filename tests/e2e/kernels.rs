@@ -6,7 +6,12 @@
 //! kernels in VMs (`cargo xtask test --kernel`), where the defaults are those
 //! mechanisms.
 
-use std::process::Command;
+use std::{
+    io::{BufRead, BufReader, Read},
+    os::unix::fs::FileExt,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
 
 use omegi_tests::{
     fixtures::{self, Linking, Profile},
@@ -140,4 +145,80 @@ fn multi_links_refuse_probes_found_by_address() {
         line.contains("uprobe_multi") && line.contains("--probe-lookup"),
         "{line}"
     );
+}
+
+/// The byte at `address` of process `pid`'s memory: a uprobe there is an
+/// `int3` (0xcc) written into the process's copy of the page.
+fn code_byte(pid: u32, address: u64) -> u8 {
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut byte = [0u8];
+    mem.read_exact_at(&mut byte, address).unwrap();
+    byte[0]
+}
+
+/// The link-time address of `symbol` in `exe` (non-PIE: also its address
+/// in the process).
+fn symbol_address(exe: &std::path::Path, symbol: &str) -> u64 {
+    let output = Command::new("nm").arg(exe).output().unwrap();
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .find_map(|line| {
+            let mut fields = line.split_whitespace();
+            let address = fields.next()?;
+            let name = fields.nth(1)?;
+            (name == symbol).then(|| u64::from_str_radix(address, 16).ok())?
+        })
+        .unwrap_or_else(|| panic!("no {symbol} in {}", exe.display()))
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < timeout, "{what}: not within {timeout:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn no_probe_survives_a_kill_9_of_the_agent() {
+    let exe = fixtures::build("c/steady.c", Linking::NoPie);
+    let tick = symbol_address(&exe, "tick");
+    let mut program = Command::new(&exe)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = program.id();
+    let mut stdout = BufReader::new(program.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    let original = code_byte(pid, tick);
+    assert_ne!(original, 0xcc);
+
+    let mut agent = agent()
+        .command(&[], &omegi_tests::scratch_dir("kill9").join("spans.jsonl"))
+        .arg("--pid")
+        .arg(pid.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the entry probe on tick", run::RUN_TIMEOUT, || {
+        code_byte(pid, tick) == 0xcc
+    });
+    agent.kill().unwrap();
+    agent.wait().unwrap();
+    // The kernel removes the probes with the agent's last descriptor.
+    wait_for(
+        "the probe gone after kill -9",
+        Duration::from_secs(30),
+        || code_byte(pid, tick) == original,
+    );
+
+    drop(program.stdin.take());
+    let status = run::wait_with_timeout(&mut program, run::RUN_TIMEOUT).expect("steady exits");
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    assert_eq!((status.code(), rest.as_str()), (Some(0), "ticks counted\n"));
 }
