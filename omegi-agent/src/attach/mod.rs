@@ -788,19 +788,21 @@ impl Probes {
                     .ebpf
                     .as_mut()
                     .expect("probes are attached before detach");
-                let mut kept = Vec::new();
-                for (id, program, link) in links.drain(..) {
-                    if ids.contains(&id) {
-                        let probe: &mut UProbe = program_mut(ebpf, program)?;
-                        probe.detach(link).map_err(|source| AttachError::Program {
-                            name: program,
-                            source,
-                        })?;
-                    } else {
-                        kept.push((id, program, link));
-                    }
-                }
+                let entry = self.single.entry;
+                let (mut going, kept): (Vec<_>, Vec<_>) =
+                    links.drain(..).partition(|(id, _, _)| ids.contains(id));
                 *links = kept;
+                // Entries first, the reverse of attaching: each detach
+                // waits a grace period, and a function whose exits went
+                // first would go on being entered, unmatched, meanwhile.
+                going.sort_by_key(|(_, program, _)| *program != entry);
+                for (_, program, link) in going {
+                    let probe: &mut UProbe = program_mut(ebpf, program)?;
+                    probe.detach(link).map_err(|source| AttachError::Program {
+                        name: program,
+                        source,
+                    })?;
+                }
             }
         }
         let detached = before - remaining.len();
