@@ -25,6 +25,7 @@ fn selection(root: PathBuf) -> Selection {
         project_root: root,
         include: vec![],
         exclude: vec![],
+        debug_dirs: vec![],
     }
 }
 
