@@ -501,11 +501,7 @@ pub fn describe_table(table: &FunctionTable, mechanism: ReturnMechanism) -> Stri
         "{} functions would be traced in {} (debug info: {}; returns by {}{})",
         table.functions.len(),
         table.binary.display(),
-        match (table.has_dwarf, table.from_symbol_table) {
-            (_, false) => "DWARF",
-            (true, true) => "DWARF for the runtime only, symbol table",
-            (false, true) => "none, symbol table only",
-        },
+        table.debug_info_summary(),
         mechanism.as_str(),
         match (table.stack_walking_runtime, table.can_unwind) {
             (Some(runtime), _) => format!(", the {runtime} runtime walks its stacks"),

@@ -68,6 +68,14 @@ pub struct Cli {
     #[arg(long, value_name = "GLOB")]
     pub exclude: Vec<String>,
 
+    /// Look for a stripped binary's separate debug file in DIR first
+    /// (repeatable): DIR/.build-id/xx/rest.debug, DIR/NAME and
+    /// DIR/<binary's directory>/NAME, NAME from its .gnu_debuglink. Then
+    /// next to the binary, in .debug/ there and under /usr/lib/debug.
+    /// OMEGI_DEBUG_DIR takes directories separated by ':'.
+    #[arg(long = "debug-dir", value_name = "DIR")]
+    pub debug_dir: Vec<PathBuf>,
+
     /// Name of the traced service, as registered on the Omegi web page.
     #[arg(long, env = "OMEGI_SERVICE_NAME", default_value = "test-server")]
     pub service_name: String,

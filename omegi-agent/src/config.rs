@@ -134,6 +134,7 @@ impl Config {
                 project_root: parse_project_root(cli.project_root)?,
                 include: cli.include,
                 exclude: cli.exclude,
+                debug_dirs: parse_debug_dirs(&cli.debug_dir, std::env::var_os(DEBUG_DIR_VARIABLE))?,
             },
             service_name: parse_service_name(cli.service_name)?,
             exporters: exporters.clone(),
@@ -194,6 +195,47 @@ fn parse_error_rules(
                 value: text.into(),
                 expected: error.to_string(),
             })
+        })
+        .collect()
+}
+
+/// The variable that names directories to look for separate debug files in.
+pub const DEBUG_DIR_VARIABLE: &str = "OMEGI_DEBUG_DIR";
+
+/// `--debug-dir` / `OMEGI_DEBUG_DIR` (flags win: the variable, directories
+/// separated by `:`, is read only when no flag is given). Each must be an
+/// existing directory; relative ones are taken from the current directory.
+fn parse_debug_dirs(
+    flags: &[PathBuf],
+    variable: Option<OsString>,
+) -> Result<Vec<PathBuf>, ConfigError> {
+    let dirs: Vec<PathBuf> = if !flags.is_empty() {
+        flags.to_vec()
+    } else {
+        let variable = variable.unwrap_or_default();
+        std::env::split_paths(&variable)
+            .filter(|dir| !dir.as_os_str().is_empty())
+            .collect()
+    };
+    dirs.into_iter()
+        .map(|dir| {
+            if !dir.is_dir() {
+                return Err(ConfigError {
+                    name: "OMEGI_DEBUG_DIR (--debug-dir)",
+                    value: dir.display().to_string(),
+                    expected: "an existing directory (several separated by ':' in \
+                               OMEGI_DEBUG_DIR)"
+                        .into(),
+                });
+            }
+            let absolute = if dir.is_absolute() {
+                dir
+            } else {
+                std::env::current_dir()
+                    .map(|cwd| cwd.join(&dir))
+                    .unwrap_or(dir)
+            };
+            Ok(crate::discovery::normalize(&absolute))
         })
         .collect()
 }
@@ -414,6 +456,31 @@ mod tests {
         assert_eq!(parse_thread_slots(1024).unwrap(), 1024);
         assert!(parse_thread_slots(3).is_err());
         assert!(parse_thread_slots(2048).is_err());
+    }
+
+    #[test]
+    fn debug_dirs() {
+        let here = std::env::temp_dir();
+        let other = std::env::current_dir().unwrap();
+        // Flags win over the variable.
+        let dirs =
+            parse_debug_dirs(std::slice::from_ref(&here), Some("/no/such/dir".into())).unwrap();
+        assert_eq!(dirs, [crate::discovery::normalize(&here)]);
+        // The variable: ':'-separated, empty parts skipped.
+        let joined = format!("{}::{}:", here.display(), other.display());
+        let dirs = parse_debug_dirs(&[], Some(joined.into())).unwrap();
+        assert_eq!(dirs.len(), 2);
+        assert!(parse_debug_dirs(&[], None).unwrap().is_empty());
+        // Relative directories are taken from the current one.
+        let dirs = parse_debug_dirs(&[".".into()], None).unwrap();
+        assert_eq!(dirs, [crate::discovery::normalize(&other)]);
+        let error = parse_debug_dirs(&[], Some("/no/such/dir".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.contains("OMEGI_DEBUG_DIR (--debug-dir)") && error.contains("/no/such/dir"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -889,6 +889,7 @@ fn refuses_to_run_unprivileged() {
 
 #[test]
 fn refuses_a_stripped_binary() {
+    use object::Object as _;
     let dir = omegi_tests::scratch_dir("stripped");
     let exe = dir.join("calls-stripped");
     std::fs::copy(fixtures::build("c/calls.c", Linking::Pie), &exe).unwrap();
@@ -897,12 +898,28 @@ fn refuses_a_stripped_binary() {
     // Still runs: the program is fine, omegi just cannot find its functions.
     assert_eq!(run::untraced(&exe, &[] as &[&str]).status.code(), Some(3));
     let line = refused(agent_command(&["--", exe.to_str().unwrap()]));
+    // It has a build id (Debian's gcc links with --build-id) and no debug
+    // link: only the system's .build-id directory can hold its debug file.
+    let data = std::fs::read(&exe).unwrap();
+    let id: String = object::File::parse(&*data)
+        .unwrap()
+        .build_id()
+        .unwrap()
+        .expect("a build id")
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect();
     assert_eq!(
         line,
         format!(
             "omegi-agent: error: {} is stripped: it has neither a symbol table nor debug info, \
-             so its functions cannot be found; trace an unstripped build (or one with -g)",
-            exe.display()
+             so its functions cannot be found, and no separate debug file was found for it \
+             (looked at /usr/lib/debug/.build-id/{}/{}.debug); give the directory that holds it \
+             with --debug-dir (or OMEGI_DEBUG_DIR), or trace an unstripped build (or one with \
+             -g)",
+            exe.display(),
+            &id[..2],
+            &id[2..],
         )
     );
 }
@@ -1043,6 +1060,10 @@ fn refuses_bad_flag_values() {
             "invalid value 'many' for '--max-trace-spans <N>'",
         ),
         (
+            vec!["--debug-dir", "/no/such/dir", "--", exe],
+            "OMEGI_DEBUG_DIR (--debug-dir) = \"/no/such/dir\" is not valid: an existing directory",
+        ),
+        (
             vec!["--bogus", "--", exe],
             "unexpected argument '--bogus' found",
         ),
@@ -1060,6 +1081,13 @@ fn refuses_bad_flag_values() {
     let line = refused(command);
     assert!(
         line.starts_with("omegi-agent: error: OMEGI_FLOW_RATE (--flow-rate) = \"often\""),
+        "{line}"
+    );
+    let mut command = agent_command(&["--", exe]);
+    command.env("OMEGI_DEBUG_DIR", "/tmp:/no/such/dir");
+    let line = refused(command);
+    assert!(
+        line.starts_with("omegi-agent: error: OMEGI_DEBUG_DIR (--debug-dir) = \"/no/such/dir\""),
         "{line}"
     );
 }

@@ -67,6 +67,7 @@ fn go_binaries_are_recognised_plain_pie_and_stripped() {
             project_root: "/".into(),
             include: vec![],
             exclude: vec![],
+            debug_dirs: vec![],
         };
         match FunctionTable::discover(&exe, &selection) {
             Err(DiscoveryError::GoProgram { build, .. }) => {

@@ -35,6 +35,24 @@ const STACK_WALKING_RUNTIMES: &[(&str, &str)] = &[
     ("hs_init_ghc", "GHC"),
 ];
 
+/// The files one binary is read through. Usually both are the binary; when
+/// it was stripped of its symbol table and a separate debug file has one
+/// (see `debuginfo.rs`), the symbols come from there. Code, segments (file
+/// offsets) and dynamic symbols always come from the binary: a debug file
+/// keeps none of the code, and its segments' file offsets are its own.
+#[derive(Clone, Copy)]
+pub struct Files<'a, 'data> {
+    pub code: &'a object::File<'data>,
+    pub symbols: &'a object::File<'data>,
+}
+
+impl<'a, 'data> Files<'a, 'data> {
+    /// The symbol table's symbols, then the binary's dynamic symbols.
+    pub fn all_symbols(&self) -> impl Iterator<Item = object::Symbol<'data, 'a>> + 'a {
+        self.symbols.symbols().chain(self.code.dynamic_symbols())
+    }
+}
+
 /// Checks that `data` is an ELF file omegi can trace and parses it.
 pub fn parse<'data>(path: &Path, data: &'data [u8]) -> Result<object::File<'data>, DiscoveryError> {
     let not_elf = || DiscoveryError::NotElf(path.to_owned());
@@ -60,30 +78,30 @@ pub fn parse<'data>(path: &Path, data: &'data [u8]) -> Result<object::File<'data
 }
 
 /// Whether anything in the binary can unwind through user frames.
-pub fn can_unwind(file: &object::File<'_>) -> bool {
-    references(file, UNWINDER_SYMBOLS) || stack_walking_runtime(file).is_some()
+pub fn can_unwind(files: Files<'_, '_>) -> bool {
+    references(files, UNWINDER_SYMBOLS) || stack_walking_runtime(files).is_some()
 }
 
 /// The runtime that reads return addresses off the stack itself, if the
 /// binary has one (see [`STACK_WALKING_RUNTIMES`]): then no frame, not even
 /// a leaf's, may have a uretprobe.
-pub fn stack_walking_runtime(file: &object::File<'_>) -> Option<&'static str> {
+pub fn stack_walking_runtime(files: Files<'_, '_>) -> Option<&'static str> {
     STACK_WALKING_RUNTIMES
         .iter()
-        .find(|(symbol, _)| references(file, &[symbol]))
+        .find(|(symbol, _)| references(files, &[symbol]))
         .map(|&(_, runtime)| runtime)
 }
 
 /// Whether the binary can unwind from a signal handler, through a frame
 /// that made no call: asynchronous thread cancellation.
-pub fn can_cancel_asynchronously(file: &object::File<'_>) -> bool {
-    references(file, &["pthread_setcanceltype"])
+pub fn can_cancel_asynchronously(files: Files<'_, '_>) -> bool {
+    references(files, &["pthread_setcanceltype"])
 }
 
 /// Whether the binary defines or imports one of `names`.
-fn references(file: &object::File<'_>, names: &[&str]) -> bool {
-    file.symbols()
-        .chain(file.dynamic_symbols())
+fn references(files: Files<'_, '_>, names: &[&str]) -> bool {
+    files
+        .all_symbols()
         .filter_map(|symbol| symbol.name().ok())
         .any(|name| {
             // Versioned imports look like `pthread_exit@GLIBC_2.34`.
@@ -92,10 +110,13 @@ fn references(file: &object::File<'_>, names: &[&str]) -> bool {
         })
 }
 
-/// Whether the file carries DWARF debug information.
+/// Whether the file carries DWARF debug information (in the file: a
+/// `.debug_info` emptied to `NOBITS` by `objcopy --only-keep-debug` does
+/// not count).
 pub fn has_dwarf(file: &object::File<'_>) -> bool {
-    file.section_by_name(".debug_info")
-        .is_some_and(|section| section.size() > 0)
+    file.section_by_name(".debug_info").is_some_and(|section| {
+        section.size() > 0 && section.kind() != object::SectionKind::UninitializedData
+    })
 }
 
 /// Maps a virtual address to its offset in the file, the form uprobes take.

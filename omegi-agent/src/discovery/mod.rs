@@ -5,9 +5,12 @@
 //! function its source file and line, and the project root (the seed's
 //! `OMEGI_PROJECT_ROOT`) decides what is user code: a function is traced when
 //! its source file lies under the root. Without DWARF, the symbol table is
-//! used alone, leaving out runtime and C library symbols.
+//! used alone, leaving out runtime and C library symbols. A stripped
+//! binary's DWARF (and symbols) may come from a separate debug file
+//! (`debuginfo.rs`); its code always comes from the binary.
 
 mod code;
+mod debuginfo;
 mod dwarf;
 mod elf;
 mod go;
@@ -24,6 +27,7 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use object::{Object, ObjectSection, ObjectSymbol, SymbolKind};
 
 pub use code::{CodeAnalysis, Exit, ExitKind, ProbeCost, ProbeSite};
+pub use debuginfo::{DebugFile, FoundBy, Searched};
 pub use dwarf::SourceIndex;
 pub use go::GoBuild;
 pub use names::demangle;
@@ -42,10 +46,41 @@ pub enum DiscoveryError {
     #[error("{path} is an ELF file for {found}; omegi traces x86-64 (64-bit) programs only")]
     UnsupportedArchitecture { path: PathBuf, found: String },
     #[error(
-        "{0} is stripped: it has neither a symbol table nor debug info, so its functions \
-         cannot be found; trace an unstripped build (or one with -g)"
+        "{path} is stripped: it has neither a symbol table nor debug info, so its functions \
+         cannot be found, and no separate debug file was found for it ({searched}); give the \
+         directory that holds it with --debug-dir (or OMEGI_DEBUG_DIR), or trace an \
+         unstripped build (or one with -g)"
     )]
-    Stripped(PathBuf),
+    Stripped { path: PathBuf, searched: Searched },
+    #[error(
+        "{debug_file} is not the debug info of {binary}: its build id is {debug_id}, the \
+         binary's is {binary_id}; omegi does not use debug info from another build (its files \
+         and lines would be wrong)"
+    )]
+    DebugBuildIdMismatch {
+        binary: PathBuf,
+        debug_file: PathBuf,
+        binary_id: String,
+        debug_id: String,
+    },
+    #[error(
+        "{debug_file} is not the debug info of {binary}: its CRC-32 is {found:08x}, the \
+         binary's .gnu_debuglink expects {expected:08x} (the file was changed or comes from \
+         another build); omegi does not use debug info that does not match (its files and \
+         lines would be wrong)"
+    )]
+    DebugLinkCrcMismatch {
+        binary: PathBuf,
+        debug_file: PathBuf,
+        expected: u32,
+        found: u32,
+    },
+    #[error("{debug_file}, where the debug info of {binary} should be, cannot be used: {reason}")]
+    DebugFileUnusable {
+        binary: PathBuf,
+        debug_file: PathBuf,
+        reason: String,
+    },
     #[error(
         "{path} is a Go program ({}): omegi cannot trace Go programs yet, and the probes it \
          puts in C programs would crash one (the Go runtime walks and moves goroutine stacks); \
@@ -70,6 +105,9 @@ pub struct Selection {
     pub include: Vec<String>,
     /// Globs on demangled names; matching functions are left out.
     pub exclude: Vec<String>,
+    /// Where to look first for a stripped binary's separate debug file
+    /// (`--debug-dir`), before the places GDB looks.
+    pub debug_dirs: Vec<PathBuf>,
 }
 
 /// A function that will be traced.
@@ -162,8 +200,14 @@ pub struct FunctionTable {
     pub functions: Vec<Function>,
     /// How many function symbols were left out, and why.
     pub skipped: HashMap<SkipReason, usize>,
-    /// Whether the binary carries DWARF.
+    /// Whether the binary has DWARF, in it or in [`debug_file`](Self::debug_file).
     pub has_dwarf: bool,
+    /// The separate debug file the DWARF (and, for a binary without a
+    /// symbol table, the symbols) came from; `None` when they are the
+    /// binary's own.
+    pub debug_file: Option<DebugFile>,
+    /// Whether the symbol table came from `debug_file` (the binary has none).
+    pub symbols_from_debug_file: bool,
     /// Functions were taken from the symbol table because DWARF covers none
     /// of the user's code (no DWARF at all, or only the runtime's, as in a
     /// Rust program built without `-g` whose std keeps its debug info).
@@ -198,6 +242,8 @@ impl FunctionTable {
             functions,
             skipped: HashMap::new(),
             has_dwarf: true,
+            debug_file: None,
+            symbols_from_debug_file: false,
             from_symbol_table: false,
             can_unwind: false,
             stack_walking_runtime: None,
@@ -245,40 +291,86 @@ impl FunctionTable {
                 build,
             });
         }
-        let has_dwarf = elf::has_dwarf(&file);
-        if file.symbols().next().is_none() && !has_dwarf {
-            return Err(DiscoveryError::Stripped(binary.to_owned()));
+        // Without DWARF of its own, the binary's may be in a file apart.
+        let (separate, searched) = if elf::has_dwarf(&file) {
+            (None, None)
+        } else {
+            match debuginfo::find(binary, &file, &selection.debug_dirs)? {
+                debuginfo::Search::Found(found) => (Some(found), None),
+                debuginfo::Search::NotFound(searched) => (None, Some(searched)),
+            }
+        };
+        let debug_elf = separate
+            .as_ref()
+            .map(|found| elf::parse(&found.file.path, &found.data))
+            .transpose()?;
+        let binary_has_symbols = file.symbols().next().is_some();
+        let symbols_from_debug_file = !binary_has_symbols
+            && debug_elf
+                .as_ref()
+                .is_some_and(|debug| debug.symbols().next().is_some());
+        let files = elf::Files {
+            code: &file,
+            symbols: match &debug_elf {
+                Some(debug) if symbols_from_debug_file => debug,
+                _ => &file,
+            },
+        };
+        let dwarf_from_debug_file = debug_elf.as_ref().is_some_and(elf::has_dwarf);
+        let dwarf_file = match &debug_elf {
+            Some(debug) if dwarf_from_debug_file => debug,
+            _ => &file,
+        };
+        let has_dwarf = elf::has_dwarf(dwarf_file);
+        if files.symbols.symbols().next().is_none() && !has_dwarf {
+            return Err(match separate {
+                // The debug file belongs to the binary but holds nothing.
+                Some(found) => DiscoveryError::DebugFileUnusable {
+                    binary: binary.to_owned(),
+                    debug_file: found.file.path,
+                    reason: "it has neither DWARF nor a symbol table".into(),
+                },
+                None => DiscoveryError::Stripped {
+                    path: binary.to_owned(),
+                    searched: searched.unwrap_or_default(),
+                },
+            });
         }
         let sources = has_dwarf
-            .then(|| dwarf::SourceIndex::load(&file))
+            .then(|| dwarf::SourceIndex::load(dwarf_file))
             .transpose()?;
         let filter = NameFilter::new(selection)?;
         let root = normalize(&selection.project_root);
-        let stack_walking_runtime = elf::stack_walking_runtime(&file);
+        let stack_walking_runtime = elf::stack_walking_runtime(files);
 
         let mut table = FunctionTable {
             binary: binary.to_owned(),
             functions: Vec::new(),
             skipped: HashMap::new(),
             has_dwarf,
+            debug_file: separate
+                .as_ref()
+                .filter(|_| dwarf_from_debug_file || symbols_from_debug_file)
+                .map(|found| found.file.clone()),
+            symbols_from_debug_file,
             from_symbol_table: !has_dwarf,
-            can_unwind: elf::can_unwind(&file),
+            can_unwind: elf::can_unwind(files),
             stack_walking_runtime,
-            leaf_uretprobes: !elf::can_cancel_asynchronously(&file)
+            leaf_uretprobes: !elf::can_cancel_asynchronously(files)
                 && stack_walking_runtime.is_none()
                 && sources
                     .as_ref()
                     .is_some_and(|sources| !sources.compiled_with("-fnon-call-exceptions")),
-            runtime: runtime::find(&file),
+            runtime: runtime::find(files),
             exec_start: elf::executable_start(&file),
             sources: None,
         };
         let select = Selector {
-            file: &file,
+            files,
             sources: sources.as_ref(),
             filter: &filter,
             root: &root,
-            cold_parts: split_parts(&file),
+            cold_parts: split_parts(files.symbols),
         };
         select.fill(&mut table, false);
         if table.functions.is_empty() && table.skipped.contains_key(&SkipReason::NoDebugInfo) {
@@ -290,6 +382,8 @@ impl FunctionTable {
                 functions: Vec::new(),
                 skipped: HashMap::new(),
                 has_dwarf,
+                debug_file: table.debug_file.clone(),
+                symbols_from_debug_file,
                 from_symbol_table: true,
                 can_unwind: table.can_unwind,
                 stack_walking_runtime: table.stack_walking_runtime,
@@ -344,12 +438,35 @@ impl FunctionTable {
     pub fn skipped_total(&self) -> usize {
         self.skipped.values().sum()
     }
+
+    /// Where the debug info came from, for `--list`: `DWARF`, `DWARF from
+    /// /usr/lib/debug/.build-id/4f/2c….debug (found by build id)`, `none,
+    /// symbol table only`, …
+    pub fn debug_info_summary(&self) -> String {
+        let what = match (self.has_dwarf, self.symbols_from_debug_file) {
+            (true, false) => "DWARF",
+            (true, true) => "DWARF and symbols",
+            (false, _) => "symbols",
+        };
+        let from = match &self.debug_file {
+            None => String::new(),
+            Some(debug) => format!(" from {} ({})", debug.path.display(), debug.found_by),
+        };
+        match (self.has_dwarf, self.from_symbol_table) {
+            (_, false) => format!("{what}{from}"),
+            (true, true) => format!("{what}{from} for the runtime only, symbol table"),
+            (false, true) if self.debug_file.is_some() => {
+                format!("none, symbol table only ({what}{from})")
+            }
+            (false, true) => "none, symbol table only".into(),
+        }
+    }
 }
 
 /// One pass over a binary's function symbols, adding the ones to trace to a
 /// table and counting the others.
 struct Selector<'a, 'data> {
-    file: &'a object::File<'data>,
+    files: elf::Files<'a, 'data>,
     sources: Option<&'a dwarf::SourceIndex>,
     filter: &'a NameFilter,
     root: &'a Path,
@@ -362,14 +479,14 @@ impl Selector<'_, '_> {
     /// being skipped.
     fn fill(&self, table: &mut FunctionTable, uncovered_as_symbols: bool) {
         let mut seen_addresses = HashSet::new();
-        for symbol in self.file.symbols() {
+        for symbol in self.files.symbols.symbols() {
             if symbol.kind() != SymbolKind::Text || symbol.is_undefined() {
                 continue;
             }
             let Ok(raw_name) = symbol.name() else {
                 continue;
             };
-            if !in_text_section(self.file, &symbol) {
+            if !in_text_section(self.files.symbols, &symbol) {
                 continue;
             }
             let skip = |table: &mut FunctionTable, reason| {
@@ -416,7 +533,7 @@ impl Selector<'_, '_> {
             }
             let mut ranges = Vec::new();
             ranges.extend(
-                elf::code_at(self.file, symbol.address(), symbol.size()).map(|bytes| {
+                elf::code_at(self.files.code, symbol.address(), symbol.size()).map(|bytes| {
                     code::CodeRange {
                         address: symbol.address(),
                         bytes,
@@ -429,11 +546,11 @@ impl Selector<'_, '_> {
             }
             if let Some(&(address, size)) = self.cold_parts.get(raw_name) {
                 ranges.extend(
-                    elf::code_at(self.file, address, size)
+                    elf::code_at(self.files.code, address, size)
                         .map(|bytes| code::CodeRange { address, bytes }),
                 );
             }
-            let Some(analysis) = analyze_with_offsets(self.file, &ranges) else {
+            let Some(analysis) = analyze_with_offsets(self.files.code, &ranges) else {
                 skip(table, SkipReason::Undecodable);
                 continue;
             };
@@ -568,6 +685,7 @@ mod tests {
             project_root: "/".into(),
             include: vec!["fixture::*".into()],
             exclude: vec!["*::helper".into()],
+            debug_dirs: vec![],
         })
         .unwrap();
         assert!(filter.keeps("fixture::compute"));
@@ -581,6 +699,7 @@ mod tests {
             project_root: "/".into(),
             include: vec!["a[".into()],
             exclude: vec![],
+            debug_dirs: vec![],
         })
         .err()
         .unwrap();
@@ -600,6 +719,7 @@ mod tests {
             project_root: root.into(),
             include: vec![],
             exclude: vec![],
+            debug_dirs: vec![],
         }
     }
 }

@@ -2,7 +2,7 @@
 //! exceptions are thrown and caught, where Rust panics start, are described
 //! and are caught. The error path probes these.
 
-use object::{Object, ObjectSymbol, SymbolKind};
+use object::{ObjectSymbol, SymbolKind};
 
 use super::{elf, names::demangle};
 
@@ -77,17 +77,19 @@ fn payload_getter(demangled: &str) -> Option<PayloadText> {
     }
 }
 
-/// Finds the runtime's error entry points in `file`.
-pub fn find(file: &object::File<'_>) -> RuntimeHooks {
+/// Finds the runtime's error entry points: by name in the symbol table
+/// (the debug file's when the binary was stripped of its own), at file
+/// offsets of the binary.
+pub fn find(files: elf::Files<'_, '_>) -> RuntimeHooks {
     let mut hooks = RuntimeHooks::default();
     let mut cleanup = None;
-    for symbol in file.symbols().chain(file.dynamic_symbols()) {
+    for symbol in files.all_symbols() {
         let Ok(raw) = symbol.name() else { continue };
         let name = raw.split('@').next().unwrap_or(raw);
         let defined = !symbol.is_undefined() && symbol.kind() == SymbolKind::Text;
         let offset = || {
             defined
-                .then(|| elf::file_offset(file, symbol.address()))
+                .then(|| elf::file_offset(files.code, symbol.address()))
                 .flatten()
         };
         let cxx = |slot: &mut Option<RuntimeSymbol>, wanted: &'static str| {
