@@ -76,7 +76,7 @@ pub fn run(config: Config) -> anyhow::Result<Outcome> {
         tracing::warn!(
             "{} has no DWARF debug info{}: tracing functions from the symbol table, without \
              file:line and without applying the project root (runtime and libc symbols are left \
-             out); build with -g for both",
+             out); build with -g for both, or point --debug-dir at its separate debug info",
             binary.display(),
             if table.has_dwarf {
                 " for your code (only for its runtime)"
