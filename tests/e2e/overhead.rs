@@ -211,3 +211,202 @@ fn thread_stacks_in_slots_and_in_the_hash_map_trace_alike() {
         }
     }
 }
+
+/// The fixture `c/many_hot.c`: its groups of functions (`leaf_N`, `mid_N`,
+/// `tail_N`) are numbered from this.
+const FIRST_GROUP: usize = 100;
+const GROUPS: usize = 400;
+/// The first groups, called hundreds of times a second.
+const HOT_GROUPS: usize = 10;
+const ROUNDS: usize = 3000;
+
+/// How many times `many_hot.c` uses each group (its cold schedule, or every
+/// round for the hot ones); a use is one call of `mid_N` (which calls
+/// `leaf_N` twice), one of `tail_N` (which jumps into `leaf_N`) and one of
+/// `leaf_N`.
+fn group_uses() -> Vec<u64> {
+    let mut uses = vec![0; GROUPS];
+    let mut next_cold = HOT_GROUPS;
+    for _ in 0..ROUNDS {
+        for hot in uses.iter_mut().take(HOT_GROUPS) {
+            *hot += 10;
+        }
+        for _ in 0..2 {
+            uses[next_cold] += 1;
+            next_cold = if next_cold + 1 < GROUPS {
+                next_cold + 1
+            } else {
+                HOT_GROUPS
+            };
+        }
+    }
+    uses
+}
+
+/// The calls of each function of a group used `uses` times: `mid_N` calls
+/// `leaf_N` twice and `tail_N` jumps into it.
+fn calls_per_function(uses: u64) -> [(&'static str, u64); 3] {
+    [("leaf", 4 * uses), ("mid", uses), ("tail", uses)]
+}
+
+/// Issue 14: detaching must work on a program of a real library's size.
+/// SQLite's `unixShmBarrier` starts with `lock orq $0,(%rsp)`, which the
+/// kernel refuses to probe (-ENOTSUPP): a probe there was never armed when
+/// the program was started under omegi (the kernel ignores the error when
+/// it maps the binary), and made linking the remaining functions again for
+/// the budget fail with error 524 while the program ran. `barrier` in the
+/// fixture is that function.
+#[test]
+fn the_overhead_budget_detaches_hot_functions_of_a_thousand_and_keeps_the_others() {
+    let exe = fixtures::build("c/many_hot.c", Linking::Pie);
+    let plain = run::untraced(&exe, &[] as &[&str]);
+    assert_eq!(plain.status.code(), Some(5));
+
+    // Every kind of function probe is there: uretprobes (leaves), return
+    // sites (the binary can unwind) and tail jumps.
+    let mut list = std::process::Command::new(env!("CARGO_BIN_EXE_omegi-agent"));
+    list.arg("--list")
+        .arg("--binary")
+        .arg(&exe)
+        .arg("--project-root")
+        .arg(fixtures::sources_dir());
+    let listed = list.output().expect("omegi-agent --list");
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+    let count = |needle: &str| listed.lines().filter(|l| l.contains(needle)).count();
+    let functions: usize = listed
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(functions > 1000, "{listed}");
+    assert!(count("(leaf: uretprobe)") >= GROUPS, "{listed}");
+    assert!(count("1 tail jmp") >= GROUPS, "{listed}");
+    assert!(
+        listed
+            .lines()
+            .filter(|l| l.contains("  mid_") && l.contains("exits: 1 ret") && !l.contains("leaf"))
+            .count()
+            >= GROUPS,
+        "{listed}"
+    );
+    // Its entry probe goes past the barrier instruction.
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.contains("  barrier ") && !l.contains("entry +0 ")),
+        "barrier is traced: {listed}"
+    );
+
+    let uses = group_uses();
+    let name = |kind: &str, group: usize| format!("{kind}_{}", FIRST_GROUP + group);
+    // One link per probe costs the kernel tens of milliseconds to attach
+    // and a grace period (about 0.1 s) to detach, each, on this machine when
+    // it is loaded: 1,200 functions took 9 minutes. So with `single` the hot
+    // groups, the last 30 cold groups, `barrier` and `main` are traced.
+    for (mode, said, first_cold) in [
+        ("multi", "with uprobe_multi links", HOT_GROUPS),
+        ("single", "one link per probe", GROUPS - 30),
+    ] {
+        let mut extra = vec![
+            // Hot functions are called hundreds of times a second or more
+            // even when every call is slowed by its probes; cold ones at
+            // most 25 times (at most 1,000 rounds a second).
+            "--overhead-budget",
+            "100,1s",
+            "--attach-mode",
+            mode,
+            // Every call in one trace (main's), sent in pieces: the hot
+            // calls made before the budget detaches them (a second or more
+            // on a loaded machine) do not each become a trace of their own
+            // in the console exporter's queue.
+            "--split-after",
+            "0",
+        ];
+        let mut patterns: Vec<String> = Vec::new();
+        if first_cold > HOT_GROUPS {
+            patterns.extend(["main", "barrier"].map(String::from));
+            for group in (0..HOT_GROUPS).chain(first_cold..GROUPS) {
+                patterns.push(format!("*_{}", FIRST_GROUP + group));
+            }
+        }
+        for glob in &patterns {
+            extra.extend(["--include", glob.as_str()]);
+        }
+        let traced = trace_verbose(&exe, &extra);
+        assert_eq!(
+            traced.status.code(),
+            plain.status.code(),
+            "{mode}: {}",
+            traced.stderr
+        );
+        assert_eq!(
+            traced.stdout.as_bytes(),
+            plain.stdout.as_slice(),
+            "{mode}: the program's output"
+        );
+        assert!(traced.stderr.contains(said), "{mode}: {}", traced.stderr);
+        assert!(
+            !traced.stderr.contains("could not detach"),
+            "{mode}: {}",
+            traced.stderr
+        );
+        let counts: HashMap<&str, u64> = traced
+            .stdout
+            .split_whitespace()
+            .filter_map(|pair| {
+                let (key, value) = pair.split_once('=')?;
+                Some((key, value.parse().ok()?))
+            })
+            .collect();
+        let names = by_name(&traced.spans);
+        let spans_of = |name: &str| names.get(name).map_or(0, Vec::len) as u64;
+
+        // The hot groups, and only they, are detached, each before the end.
+        let detached = traced
+            .stderr
+            .lines()
+            .find_map(|line| {
+                let (_, names) =
+                    line.split_once("detached by the overhead budget (--overhead-budget): ")?;
+                Some(names.split(", ").map(str::to_owned).collect::<Vec<_>>())
+            })
+            .unwrap_or_else(|| panic!("{mode}: nothing detached: {}", traced.stderr));
+        let mut hot_names: Vec<String> = (0..HOT_GROUPS)
+            .flat_map(|group| ["leaf", "mid", "tail"].map(|kind| name(kind, group)))
+            .collect();
+        hot_names.sort();
+        let mut detached = detached;
+        detached.sort();
+        assert_eq!(detached, hot_names, "{mode}: detached");
+        for (group, &used) in uses.iter().enumerate().take(HOT_GROUPS) {
+            for (kind, calls) in calls_per_function(used) {
+                assert!(
+                    spans_of(&name(kind, group)) < calls,
+                    "{mode}: {} still traced to the end",
+                    name(kind, group)
+                );
+            }
+        }
+
+        // Every call of the others is seen exactly once, before and after
+        // their probes were linked again without the hot ones: leaves
+        // (uretprobes), non-leaves (return sites) and tail calls alike.
+        let mut cold_spans = 0;
+        for (group, &used) in uses.iter().enumerate().skip(first_cold) {
+            for (kind, calls) in calls_per_function(used) {
+                let function = name(kind, group);
+                assert_eq!(spans_of(&function), calls, "{mode}: {function}");
+                cold_spans += calls;
+            }
+        }
+        if first_cold == HOT_GROUPS {
+            assert_eq!(cold_spans, counts["cold"], "{mode}: cold calls");
+        }
+        // The function that starts with an instruction the kernel cannot
+        // probe is traced all the same.
+        assert_eq!(spans_of("barrier"), counts["barrier"], "{mode}: barrier");
+        assert_eq!(spans_of("main"), 1, "{mode}: main");
+        assert_eq!(names["main"][0].end(), "returned", "{mode}: main");
+        assert!(!traced.stderr.contains("dropped:"), "{}", traced.stderr);
+    }
+}
