@@ -174,6 +174,10 @@ pub enum SkipReason {
     Filtered,
     /// The code could not be read or decoded.
     Undecodable,
+    /// Its first instruction is one the kernel refuses to probe (a `lock`
+    /// or segment prefix, …; see `code::kernel_refuses`), and the entry
+    /// probe cannot go on the next one.
+    Unprobeable,
 }
 
 impl fmt::Display for SkipReason {
@@ -187,6 +191,7 @@ impl fmt::Display for SkipReason {
             Self::SplitPart => "split-off part of a function",
             Self::Filtered => "left out by --include/--exclude",
             Self::Undecodable => "code could not be decoded",
+            Self::Unprobeable => "first instruction not probeable by the kernel",
         })
     }
 }
@@ -550,9 +555,15 @@ impl Selector<'_, '_> {
                         .map(|bytes| code::CodeRange { address, bytes }),
                 );
             }
-            let Some(analysis) = analyze_with_offsets(self.files.code, &ranges) else {
-                skip(table, SkipReason::Undecodable);
-                continue;
+            let analysis = match analyze_with_offsets(self.files.code, &ranges) {
+                Ok(analysis) => analysis,
+                Err(reason) => {
+                    if reason == SkipReason::Unprobeable {
+                        tracing::debug!("not tracing {name}: {reason}");
+                    }
+                    skip(table, reason);
+                    continue;
+                }
             };
             table.functions.push(Function {
                 id: table.functions.len() as u32,
@@ -572,14 +583,18 @@ impl Selector<'_, '_> {
 fn analyze_with_offsets(
     file: &object::File<'_>,
     ranges: &[code::CodeRange<'_>],
-) -> Option<CodeAnalysis> {
+) -> Result<CodeAnalysis, SkipReason> {
     let mut analysis = code::analyze(ranges);
-    let entry = analysis.entry.as_mut()?;
-    entry.file_offset = elf::file_offset(file, entry.address)?;
-    for exit in &mut analysis.exits {
-        exit.site.file_offset = elf::file_offset(file, exit.site.address)?;
+    if analysis.unprobeable_entry.is_some() {
+        return Err(SkipReason::Unprobeable);
     }
-    Some(analysis)
+    let offset = |address| elf::file_offset(file, address).ok_or(SkipReason::Undecodable);
+    let entry = analysis.entry.as_mut().ok_or(SkipReason::Undecodable)?;
+    entry.file_offset = offset(entry.address)?;
+    for exit in &mut analysis.exits {
+        exit.site.file_offset = offset(exit.site.address)?;
+    }
+    Ok(analysis)
 }
 
 struct NameFilter {
