@@ -8,7 +8,7 @@
 //! ```
 //!
 //! Every fixture is built with debug info, once per test process and
-//! linking kind, into `target/fixtures/<pie|nopie>/`.
+//! linking kind, into `target/fixtures/<pie|nopie>/<lang>/`.
 
 use std::{
     collections::HashMap,
@@ -78,9 +78,14 @@ pub fn build(file: &str, linking: Linking) -> PathBuf {
         Some("ml") => Lang::OCaml,
         other => panic!("unknown fixture language {other:?} for {file}"),
     };
+    // One directory per language: two fixtures may share a stem
+    // (cpp/errors_stress.cpp and rust/errors_stress.rs), and tests running
+    // at once must not build over each other's executable.
+    let lang_dir = Path::new(file).parent().unwrap_or(Path::new(""));
     let out_dir = crate::target_dir()
         .join("fixtures")
-        .join(linking.dir_name());
+        .join(linking.dir_name())
+        .join(lang_dir);
     std::fs::create_dir_all(&out_dir).unwrap();
     let output = out_dir.join(&stem);
     let extra = extra_flags(&source);
