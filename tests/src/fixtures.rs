@@ -9,6 +9,13 @@
 //!
 //! Every fixture is built with debug info, once per test process and
 //! linking kind, into `target/fixtures/<pie|nopie>/<lang>/`.
+//!
+//! In a VM (`cargo xtask test --kernel`) the compilers run 10 to 50 times
+//! slower under emulation (a PIE Go build that recompiles the standard
+//! library took four minutes), so the host builds every fixture first
+//! ([`build_all`], the `build-fixtures` binary) and the tests in the VM run
+//! with [`PREBUILT_ENV`] set, which uses an executable that is newer than
+//! its source as it is.
 
 use std::{
     collections::HashMap,
@@ -88,6 +95,10 @@ pub fn build(file: &str, linking: Linking) -> PathBuf {
         .join(lang_dir);
     std::fs::create_dir_all(&out_dir).unwrap();
     let output = out_dir.join(&stem);
+    if std::env::var_os(PREBUILT_ENV).is_some() && newer_than(&output, &source) {
+        built.insert((file.to_owned(), linking), output.clone());
+        return output;
+    }
     let extra = extra_flags(&source);
 
     let mut command = match lang {
@@ -158,6 +169,47 @@ pub fn build(file: &str, linking: Linking) -> PathBuf {
     );
     built.insert((file.to_owned(), linking), output.clone());
     output
+}
+
+/// When set (to anything), [`build`] uses an executable built earlier when
+/// it is newer than its source (its flags are in its first line, so a
+/// change to them is a change to the source).
+pub const PREBUILT_ENV: &str = "OMEGI_FIXTURES_PREBUILT";
+
+fn newer_than(output: &Path, source: &Path) -> bool {
+    let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    matches!((modified(output), modified(source)), (Some(out), Some(src)) if out >= src)
+}
+
+/// Builds every fixture under `tests/fixtures`, both linkings, and returns
+/// the executables. With [`PREBUILT_ENV`] unset (as on the host) each one is
+/// built afresh. Go's build cache (under the target directory) then holds
+/// the compiled packages of both linkings, so a Go build that a test makes
+/// itself in the VM (the stripped one of the runtimes suite) only links.
+pub fn build_all() -> Vec<PathBuf> {
+    let mut files: Vec<String> = Vec::new();
+    for lang in ["c", "cpp", "rust", "go", "ocaml"] {
+        let Ok(entries) = std::fs::read_dir(sources_dir().join(lang)) else {
+            continue;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if [".c", ".cpp", ".cc", ".rs", ".go", ".ml"]
+                .iter()
+                .any(|ext| name.ends_with(ext))
+            {
+                files.push(format!("{lang}/{name}"));
+            }
+        }
+    }
+    files.sort();
+    let mut built = Vec::new();
+    for file in &files {
+        for linking in [Linking::Pie, Linking::NoPie] {
+            built.push(build(file, linking));
+        }
+    }
+    built
 }
 
 /// Debian's Go 1.19 (the package does not put `go` on PATH).

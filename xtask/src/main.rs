@@ -4,7 +4,8 @@
 //!   (safe to run again; quick when everything is there); `--vm` adds what
 //!   the VM tasks need.
 //! - `build-ebpf`: builds the eBPF object alone.
-//! - `test`: setup, then every test.
+//! - `test`: setup, then every test; `--kernel` runs the end-to-end suite in
+//!   a VM on another kernel instead.
 //! - `vm`: one command as root in a VM on another kernel.
 //! - `demo`: setup, then omegi tracing a bundled demo program.
 //! - `bench`: what omegi costs a traced program, against bpftrace; writes
@@ -43,7 +44,14 @@ enum Task {
     BuildEbpf,
     /// Set up, then run every test (needs root: the tests attach real uprobes).
     Test {
-        /// Passed to `cargo test` (e.g. a test name filter after `--`).
+        /// Run the end-to-end suite in a VM on this Debian kernel instead:
+        /// 5.10, 6.1, 6.12, or `all` (one VM after the other).
+        #[arg(long, value_name = "VERSION", value_parser = vm::parse_kernels)]
+        kernel: Option<vm::Kernels>,
+        #[command(flatten)]
+        vm: vm::VmOptions,
+        /// Passed to `cargo test` (e.g. a test name filter after `--`); with
+        /// `--kernel`, to each test binary (a filter, `--nocapture`, …).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -83,7 +91,12 @@ fn main() -> std::process::ExitCode {
             done(setup::all().and_then(|()| if vm { vm::setup() } else { Ok(()) }))
         }
         Task::BuildEbpf => done(build_ebpf()),
-        Task::Test { args } => done(test(&args)),
+        Task::Test {
+            kernel: Some(kernels),
+            vm,
+            args,
+        } => vm::test(&kernels, &vm, &args),
+        Task::Test { args, .. } => done(test(&args)),
         Task::Vm {
             kernel,
             vm,
