@@ -8,7 +8,14 @@
 //! ```
 //!
 //! Every fixture is built with debug info, once per test process, linking
-//! kind and [`Profile`], into `target/fixtures/<pie|nopie>[-profile]/`.
+//! kind and [`Profile`], into `target/fixtures/<pie|nopie>[-profile]/<lang>/`.
+//!
+//! In a VM (`cargo xtask test --kernel`) the compilers run 10 to 50 times
+//! slower under emulation (a PIE Go build that recompiles the standard
+//! library took four minutes), so the host builds every fixture first
+//! ([`build_all`], the `build-fixtures` binary) and the tests in the VM run
+//! with [`PREBUILT_ENV`] set, which uses an executable that is newer than
+//! its source as it is.
 
 use std::{
     collections::HashMap,
@@ -133,13 +140,20 @@ pub fn build_as(file: &str, linking: Linking, profile: Profile) -> PathBuf {
         Some("ml") => Lang::OCaml,
         other => panic!("unknown fixture language {other:?} for {file}"),
     };
-    let out_dir = crate::target_dir().join("fixtures").join(format!(
-        "{}{}",
-        linking.dir_name(),
-        profile.dir_suffix()
-    ));
+    // One directory per language: two fixtures may share a stem
+    // (cpp/errors_stress.cpp and rust/errors_stress.rs), and tests running
+    // at once must not build over each other's executable.
+    let lang_dir = Path::new(file).parent().unwrap_or(Path::new(""));
+    let out_dir = crate::target_dir()
+        .join("fixtures")
+        .join(format!("{}{}", linking.dir_name(), profile.dir_suffix()))
+        .join(lang_dir);
     std::fs::create_dir_all(&out_dir).unwrap();
     let output = out_dir.join(&stem);
+    if std::env::var_os(PREBUILT_ENV).is_some() && newer_than(&output, &source) {
+        built.insert(key, output.clone());
+        return output;
+    }
     let extra = extra_flags(&source);
 
     let mut command = match lang {
@@ -211,6 +225,47 @@ pub fn build_as(file: &str, linking: Linking, profile: Profile) -> PathBuf {
     );
     built.insert(key, output.clone());
     output
+}
+
+/// When set (to anything), [`build`] uses an executable built earlier when
+/// it is newer than its source (its flags are in its first line, so a
+/// change to them is a change to the source).
+pub const PREBUILT_ENV: &str = "OMEGI_FIXTURES_PREBUILT";
+
+fn newer_than(output: &Path, source: &Path) -> bool {
+    let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    matches!((modified(output), modified(source)), (Some(out), Some(src)) if out >= src)
+}
+
+/// Builds every fixture under `tests/fixtures`, both linkings, and returns
+/// the executables. With [`PREBUILT_ENV`] unset (as on the host) each one is
+/// built afresh. Go's build cache (under the target directory) then holds
+/// the compiled packages of both linkings, so a Go build that a test makes
+/// itself in the VM (the stripped one of the runtimes suite) only links.
+pub fn build_all() -> Vec<PathBuf> {
+    let mut files: Vec<String> = Vec::new();
+    for lang in ["c", "cpp", "rust", "go", "ocaml"] {
+        let Ok(entries) = std::fs::read_dir(sources_dir().join(lang)) else {
+            continue;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if [".c", ".cpp", ".cc", ".rs", ".go", ".ml"]
+                .iter()
+                .any(|ext| name.ends_with(ext))
+            {
+                files.push(format!("{lang}/{name}"));
+            }
+        }
+    }
+    files.sort();
+    let mut built = Vec::new();
+    for file in &files {
+        for linking in [Linking::Pie, Linking::NoPie] {
+            built.push(build(file, linking));
+        }
+    }
+    built
 }
 
 /// Debian's Go 1.19 (the package does not put `go` on PATH).

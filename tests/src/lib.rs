@@ -17,7 +17,10 @@ pub mod otlp;
 pub mod run;
 pub mod spans;
 
-use std::path::{Path, PathBuf};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 /// The repository's `tests/` directory.
 pub fn tests_dir() -> &'static Path {
@@ -29,6 +32,23 @@ pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|| tests_dir().join("../target"))
+}
+
+/// How many times longer than on the host the harness waits for a run to
+/// end: `OMEGI_TEST_TIME_SCALE` (a whole number, default 1). `cargo xtask
+/// test --kernel` sets it, since everything in a VM under software emulation
+/// takes 10 to 50 times longer.
+pub fn time_scale() -> u32 {
+    std::env::var("OMEGI_TEST_TIME_SCALE")
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .filter(|&scale| scale >= 1)
+        .unwrap_or(1)
+}
+
+/// `timeout` stretched by [`time_scale`].
+pub fn scaled(timeout: Duration) -> Duration {
+    timeout * time_scale()
 }
 
 /// A fresh scratch directory under the target directory.

@@ -10,7 +10,9 @@ use std::{
 
 use crate::spans::{parse_lines, SpanRecord};
 
-/// Longest a fixture run may take before the test fails (and the run is killed).
+/// Longest a fixture run may take before the test fails (and the run is
+/// killed), on the host: [`wait_with_timeout`] stretches it in a VM
+/// ([`crate::time_scale`]).
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A traced run of a fixture.
@@ -113,8 +115,12 @@ pub fn run_to_end(mut command: Command) -> (ExitStatus, String, String) {
         .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
     let stdout = reader(&mut child, true);
     let stderr = reader(&mut child, false);
-    let status = wait_with_timeout(&mut child, RUN_TIMEOUT)
-        .unwrap_or_else(|| panic!("{command:?} did not finish within {RUN_TIMEOUT:?}"));
+    let status = wait_with_timeout(&mut child, RUN_TIMEOUT).unwrap_or_else(|| {
+        panic!(
+            "{command:?} did not finish within {:?}",
+            crate::scaled(RUN_TIMEOUT)
+        )
+    });
     (status, stdout.join().unwrap(), stderr.join().unwrap())
 }
 
@@ -131,9 +137,10 @@ fn reader(child: &mut Child, stdout: bool) -> std::thread::JoinHandle<String> {
     })
 }
 
-/// Waits for `child`; kills it and returns `None` after `timeout`.
+/// Waits for `child`; kills it and returns `None` after `timeout` (times
+/// [`crate::time_scale`]).
 pub fn wait_with_timeout(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::now() + crate::scaled(timeout);
     loop {
         if let Some(status) = child.try_wait().expect("wait") {
             return Some(status);

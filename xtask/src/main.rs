@@ -1,15 +1,19 @@
 //! `cargo xtask`: the project's tasks.
 //!
 //! - `setup`: installs what building and testing need on a fresh machine
-//!   (safe to run again; quick when everything is there).
+//!   (safe to run again; quick when everything is there); `--vm` adds what
+//!   the VM tasks need.
 //! - `build-ebpf`: builds the eBPF object alone.
-//! - `test`: setup, then every test.
+//! - `test`: setup, then every test; `--kernel` runs the end-to-end suite in
+//!   a VM on another kernel instead.
+//! - `vm`: one command as root in a VM on another kernel.
 //! - `demo`: setup, then omegi tracing a bundled demo program.
 //! - `bench`: what omegi costs a traced program, against bpftrace; writes
 //!   `BENCHMARKS.md`.
 
 mod bench;
 mod setup;
+mod vm;
 
 use std::{
     path::{Path, PathBuf},
@@ -30,14 +34,38 @@ struct Cli {
 enum Task {
     /// Install the build and test prerequisites (apt packages, nightly
     /// rust-src, bpf-linker, the tansu Kafka broker).
-    Setup,
+    Setup {
+        /// Also what the VM tasks need (QEMU, virtme-ng, virtiofsd) and the
+        /// kernels they boot.
+        #[arg(long)]
+        vm: bool,
+    },
     /// Build the eBPF programs alone (building the agent also does this).
     BuildEbpf,
     /// Set up, then run every test (needs root: the tests attach real uprobes).
     Test {
-        /// Passed to `cargo test` (e.g. a test name filter after `--`).
+        /// Run the end-to-end suite in a VM on this Debian kernel instead:
+        /// 5.10, 6.1, 6.12, or `all` (one VM after the other).
+        #[arg(long, value_name = "VERSION", value_parser = vm::parse_kernels)]
+        kernel: Option<vm::Kernels>,
+        #[command(flatten)]
+        vm: vm::VmOptions,
+        /// Passed to `cargo test` (e.g. a test name filter after `--`); with
+        /// `--kernel`, to each test binary (a filter, `--nocapture`, …).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
+    },
+    /// Run one command as root in a VM booted with another Debian kernel, the
+    /// host's root filesystem shared read-only; exits with its status.
+    Vm {
+        /// The kernel: 5.10, 6.1 or 6.12.
+        #[arg(long, value_name = "VERSION")]
+        kernel: vm::Series,
+        #[command(flatten)]
+        vm: vm::VmOptions,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true, value_name = "CMD")]
+        command: Vec<String>,
     },
     /// Set up, then trace the bundled demo program and print its call trees.
     Demo,
@@ -57,16 +85,29 @@ enum Task {
 }
 
 fn main() -> std::process::ExitCode {
+    let done = |result: Result<()>| result.map(|()| 0);
     let result = match Cli::parse().task {
-        Task::Setup => setup::all(),
-        Task::BuildEbpf => build_ebpf(),
-        Task::Test { args } => test(&args),
-        Task::Demo => demo(),
+        Task::Setup { vm } => {
+            done(setup::all().and_then(|()| if vm { vm::setup() } else { Ok(()) }))
+        }
+        Task::BuildEbpf => done(build_ebpf()),
+        Task::Test {
+            kernel: Some(kernels),
+            vm,
+            args,
+        } => vm::test(&kernels, &vm, &args),
+        Task::Test { args, .. } => done(test(&args)),
+        Task::Vm {
+            kernel,
+            vm,
+            command,
+        } => vm::vm(kernel, &vm, &command),
+        Task::Demo => done(demo()),
         Task::Bench {
             reps,
             quick,
             output,
-        } => bench::bench(&bench::Options {
+        } => done(bench::bench(&bench::Options {
             reps,
             quick,
             output: if output.is_absolute() {
@@ -74,10 +115,10 @@ fn main() -> std::process::ExitCode {
             } else {
                 root().join(output)
             },
-        }),
+        })),
     };
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(code) => std::process::ExitCode::from(code),
         Err(error) => {
             eprintln!("cargo xtask: error: {error:#}");
             std::process::ExitCode::FAILURE

@@ -72,7 +72,7 @@ pub fn all() -> Result<()> {
 
 /// What building the agent needs.
 pub fn build_tools() -> Result<()> {
-    apt_packages()?;
+    apt_install(APT_PACKAGES)?;
     nightly_rust_src()?;
     bpf_linker()
 }
@@ -93,8 +93,10 @@ pub fn check_build_tools() -> Result<()> {
     Ok(())
 }
 
-fn apt_packages() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
+/// Installs the Debian packages of `packages` that are not installed yet
+/// (through sudo when not root).
+pub fn apt_install(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages
         .iter()
         .copied()
         .filter(|package| !dpkg_installed(package))
@@ -226,7 +228,8 @@ fn tansu() -> Result<()> {
     )
 }
 
-fn works(command: &mut Command) -> bool {
+/// Whether `command` runs and succeeds (its output thrown away).
+pub fn works(command: &mut Command) -> bool {
     command
         .stdout(Stdio::null())
         .stderr(Stdio::null())
