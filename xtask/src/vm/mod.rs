@@ -136,7 +136,14 @@ fn minutes(option: Option<u64>, default: Option<Duration>) -> Option<Duration> {
 /// The end-to-end suites that run in the VM: the ones whose outcome depends
 /// on the kernel. The Kafka and OTLP suites test exporters, which do not,
 /// and stay on the host.
-const KERNEL_SUITES: &[&str] = &["foundation", "errors", "discovery", "runtimes", "overhead"];
+const KERNEL_SUITES: &[&str] = &[
+    "kernels",
+    "foundation",
+    "errors",
+    "discovery",
+    "runtimes",
+    "overhead",
+];
 
 /// What [`boot`] waits for when `--timeout` is not given: CI has 90 minutes
 /// in all.
