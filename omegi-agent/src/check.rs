@@ -13,7 +13,7 @@ use crate::{
 pub fn run() -> bool {
     let features = KernelFeatures::probe();
     let mut report = Report::default();
-    println!("kernel {}", features.release);
+    say(format_args!("kernel {}", features.release));
 
     report.line(
         "privileges",
@@ -129,28 +129,35 @@ struct Report {
 impl Report {
     fn line<E: std::fmt::Display>(&mut self, what: &str, result: Result<String, E>) {
         match result {
-            Ok(text) => println!("  {what:<16} {text}"),
+            Ok(text) => say(format_args!("  {what:<16} {text}")),
             Err(error) => {
-                println!("  {what:<16} NO: {error}");
+                say(format_args!("  {what:<16} NO: {error}"));
                 self.failed = true;
             }
         }
     }
 
     fn note(&mut self, what: &str, text: String) {
-        println!("  {what:<16} {text}");
+        say(format_args!("  {what:<16} {text}"));
     }
 
     fn finish(self) -> bool {
         let ok = !self.failed;
-        println!(
+        say(format_args!(
             "{}",
             if ok {
                 "omegi can trace on this kernel"
             } else {
                 "omegi cannot trace on this kernel"
             }
-        );
+        ));
         ok
     }
+}
+
+/// One line on stdout; a reader that went away (`--check | head`) is no
+/// error.
+fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout(), "{line}");
 }

@@ -21,6 +21,7 @@ fn main() -> ExitCode {
         Err(error) => return usage_error(error),
     };
     init_logging(cli.quiet, cli.verbose, cli.debug_ebpf);
+    raise_locked_memory_limit();
     if cli.check {
         return if omegi_agent::check::run() {
             ExitCode::SUCCESS
@@ -36,6 +37,17 @@ fn main() -> ExitCode {
         Ok(Outcome::Exit(code)) => ExitCode::from(code.clamp(0, 255) as u8),
         Ok(Outcome::Signal(signal)) => end_by_signal(signal),
         Err(error) => fail(&error),
+    }
+}
+
+/// Kernels before 5.11 charge BPF maps and programs to `RLIMIT_MEMLOCK`
+/// (often 8 MB or less; the preallocated maps need more), as libbpf and
+/// bpftrace know: lift it, as they do. Later kernels charge memory cgroups
+/// and ignore it.
+fn raise_locked_memory_limit() {
+    use nix::sys::resource::{setrlimit, Resource, RLIM_INFINITY};
+    if let Err(error) = setrlimit(Resource::RLIMIT_MEMLOCK, RLIM_INFINITY, RLIM_INFINITY) {
+        tracing::debug!("cannot lift RLIMIT_MEMLOCK: {error}");
     }
 }
 
