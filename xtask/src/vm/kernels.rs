@@ -230,7 +230,9 @@ fn fetch(series: Series, package: &str, version: &str) -> Result<Kernel> {
     }
     println!("vm: downloading {package} {version}");
     let apt = Apt::configure(series.archive())?;
-    let download = kernels_dir().join(".download");
+    // Per process: two VM tasks may fetch at once (the cache is shared by
+    // every work tree); the last rename wins and both get the same files.
+    let download = kernels_dir().join(format!(".download-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&download);
     std::fs::create_dir_all(&download)?;
     apt.download(&format!("{package}={version}"), &download)?;
@@ -238,7 +240,7 @@ fn fetch(series: Series, package: &str, version: &str) -> Result<Kernel> {
         .filter_map(|entry| entry.ok().map(|entry| entry.path()))
         .find(|path| path.extension().is_some_and(|ext| ext == "deb"))
         .with_context(|| format!("apt-get download left no .deb in {}", download.display()))?;
-    let partial = kernels_dir().join(format!("{release}.partial"));
+    let partial = kernels_dir().join(format!("{release}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&partial);
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&partial))?;
     // The package ships no modules.dep (the postinst makes it); the guest
@@ -251,7 +253,10 @@ fn fetch(series: Series, package: &str, version: &str) -> Result<Kernel> {
     run(Command::new("depmod").arg("-b").arg(&base).arg(&release))?;
     std::fs::write(partial.join(MARKER), &marker)?;
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&partial, &dir)?;
+    if std::fs::rename(&partial, &dir).is_err() && dir.join(MARKER).exists() {
+        // Another task put the same kernel there first.
+        let _ = std::fs::remove_dir_all(&partial);
+    }
     let _ = std::fs::remove_dir_all(&download);
     // Older kernels of the series are of no more use: each is ~100 MB.
     for old in cached(series) {
