@@ -15,7 +15,7 @@ use std::{
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::atomic::{AtomicBool, Ordering},
+    sync::atomic::{AtomicI32, Ordering},
     time::{Duration, Instant},
 };
 
@@ -120,16 +120,17 @@ impl Vm<'_> {
             if let Some(status) = child.try_wait()? {
                 break Ok(status);
             }
-            if INTERRUPTED.load(Ordering::Relaxed) {
+            let signal = INTERRUPTED.load(Ordering::Relaxed);
+            if signal != 0 {
                 stop(&mut child);
-                break Err("interrupted");
+                break Err(format!("was stopped (xtask got signal {signal})"));
             }
             if self
                 .timeout
                 .is_some_and(|timeout| start.elapsed() > timeout)
             {
                 stop(&mut child);
-                break Err("timed out");
+                break Err("timed out".to_owned());
             }
             std::thread::sleep(Duration::from_millis(200));
         };
@@ -226,10 +227,11 @@ impl Tail {
     }
 }
 
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// The signal that asked us to stop (0: none yet).
+static INTERRUPTED: AtomicI32 = AtomicI32::new(0);
 
-extern "C" fn on_interrupt(_: libc::c_int) {
-    INTERRUPTED.store(true, Ordering::Relaxed);
+extern "C" fn on_interrupt(signal: libc::c_int) {
+    INTERRUPTED.store(signal, Ordering::Relaxed);
 }
 
 /// Ctrl-C and SIGTERM stop the VM (which is in a process group of its own

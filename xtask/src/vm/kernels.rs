@@ -164,11 +164,14 @@ fn kernels_dir() -> PathBuf {
 const MARKER: &str = ".omegi-package";
 
 /// The newest kernel of `series`, downloaded and extracted unless the cache
-/// has it already. When the archive cannot be reached, the newest kernel of
-/// the series in the cache is used, with a warning.
+/// has it already. When the archive cannot be reached (or the download
+/// fails), the newest kernel of the series in the cache is used, with a
+/// warning.
 pub fn prepare(series: Series) -> Result<Kernel> {
-    match newest_in_archive(series) {
-        Ok((package, version)) => fetch(series, &package, &version),
+    let fetched =
+        newest_in_archive(series).and_then(|(package, version)| fetch(series, &package, &version));
+    match fetched {
+        Ok(kernel) => Ok(kernel),
         Err(error) => {
             let Some(cached) = cached(series).into_iter().next_back() else {
                 return Err(
@@ -176,7 +179,7 @@ pub fn prepare(series: Series) -> Result<Kernel> {
                 );
             };
             eprintln!(
-                "vm: warning: cannot ask the archive for the newest {series} kernel \
+                "vm: warning: cannot get the newest {series} kernel from the archive \
                  ({error:#}); using the cached {} ({})",
                 cached.release, cached.version
             );
@@ -230,29 +233,36 @@ fn fetch(series: Series, package: &str, version: &str) -> Result<Kernel> {
     }
     println!("vm: downloading {package} {version}");
     let apt = Apt::configure(series.archive())?;
-    let download = kernels_dir().join(".download");
-    let _ = std::fs::remove_dir_all(&download);
-    std::fs::create_dir_all(&download)?;
-    apt.download(&format!("{package}={version}"), &download)?;
-    let deb = std::fs::read_dir(&download)?
+    // Per process: two VM tasks may fetch at once (the cache is shared by
+    // every work tree); the last rename wins and both get the same files.
+    let download = Scratch::new(kernels_dir().join(format!(".download-{}", std::process::id())))?;
+    let download = &download.0;
+    apt.download(&format!("{package}={version}"), download)?;
+    let deb = std::fs::read_dir(download)?
         .filter_map(|entry| entry.ok().map(|entry| entry.path()))
         .find(|path| path.extension().is_some_and(|ext| ext == "deb"))
         .with_context(|| format!("apt-get download left no .deb in {}", download.display()))?;
-    let partial = kernels_dir().join(format!("{release}.partial"));
-    let _ = std::fs::remove_dir_all(&partial);
-    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(&partial))?;
+    let partial =
+        Scratch::new(kernels_dir().join(format!("{release}.partial-{}", std::process::id())))?;
+    let partial = &partial.0;
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(partial))?;
     // The package ships no modules.dep (the postinst makes it); the guest
     // loads virtio-fs, overlayfs and the rest from this tree, so make it.
     let base = if partial.join("lib/modules").join(&release).is_dir() {
-        partial.clone()
+        partial.to_owned()
     } else {
         partial.join("usr")
     };
     run(Command::new("depmod").arg("-b").arg(&base).arg(&release))?;
     std::fs::write(partial.join(MARKER), &marker)?;
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&partial, &dir)?;
-    let _ = std::fs::remove_dir_all(&download);
+    if let Err(error) = std::fs::rename(partial, &dir) {
+        // Fine when another task has just put the same kernel there.
+        if !dir.join(MARKER).exists() {
+            return Err(error)
+                .with_context(|| format!("cannot move the kernel to {}", dir.display()));
+        }
+    }
     // Older kernels of the series are of no more use: each is ~100 MB.
     for old in cached(series) {
         if old.release != release {
@@ -264,6 +274,25 @@ fn fetch(series: Series, package: &str, version: &str) -> Result<Kernel> {
         version: version.to_owned(),
         dir,
     })
+}
+
+/// A directory of our own, made empty, and removed when dropped (whatever
+/// happened to the download or extraction in it).
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(path: PathBuf) -> Result<Scratch> {
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(Scratch(path))
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// The complete kernels of `series` in the cache, oldest first.
@@ -356,6 +385,14 @@ impl Apt {
                 "apt-get update for {} failed: {}",
                 self.archive.name,
                 stderr.trim()
+            );
+        }
+        // A source that could not be reached is a warning to apt, which
+        // goes on with the lists it had: the newest kernel may be missed.
+        if let Some(line) = stderr.lines().find(|line| line.starts_with("W: Failed")) {
+            eprintln!(
+                "vm: warning: apt-get update for {}: {line}",
+                self.archive.name
             );
         }
         Ok(())
