@@ -925,15 +925,8 @@ fn check_traced(
 
 /// `--list`'s first line, for the stripped executable with `extra`.
 fn list_summary(shipped: &Shipped, extra: &[&str]) -> String {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_omegi-agent"));
-    command
-        .arg("--project-root")
-        .arg(fixtures::sources_dir())
-        .args(extra)
-        .arg("--list")
-        .arg("--binary")
-        .arg(&shipped.exe);
-    let (status, stdout, stderr) = run::run_to_end(command);
+    let (status, stdout, stderr) =
+        Agent::new(env!("CARGO_BIN_EXE_omegi-agent")).list(&shipped.exe, extra);
     assert_eq!(status.code(), Some(0), "{stderr}");
     stdout.lines().next().unwrap_or_default().to_owned()
 }

@@ -604,15 +604,7 @@ fn pid_attaches_to_a_running_rust_program() {
 // --- --list -------------------------------------------------------------
 
 fn list(exe: &Path, extra: &[&str]) -> (ExitStatus, String, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_omegi-agent"));
-    command
-        .arg("--project-root")
-        .arg(fixtures::sources_dir())
-        .args(extra)
-        .arg("--list")
-        .arg("--binary")
-        .arg(exe);
-    run::run_to_end(command)
+    agent().list(exe, extra)
 }
 
 /// Checks the last line, `N function symbols skipped: a reason, b reason`,

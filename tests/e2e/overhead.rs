@@ -29,6 +29,17 @@ fn trace_verbose(exe: &Path, extra: &[&str]) -> Traced {
     }
 }
 
+/// The `name=count` pairs a fixture prints at its end.
+fn printed_counts(stdout: &str) -> HashMap<&str, u64> {
+    stdout
+        .split_whitespace()
+        .filter_map(|pair| {
+            let (key, value) = pair.split_once('=')?;
+            Some((key, value.parse().ok()?))
+        })
+        .collect()
+}
+
 fn by_name(spans: &[SpanRecord]) -> HashMap<&str, Vec<&SpanRecord>> {
     let mut names: HashMap<&str, Vec<&SpanRecord>> = HashMap::new();
     for span in spans {
@@ -149,14 +160,7 @@ fn the_overhead_budget_detaches_a_hot_function_and_keeps_the_others() {
             &["--overhead-budget", "10000,1s", "--attach-mode", mode],
         );
         assert_eq!(traced.status.code(), Some(0), "{}", traced.stderr);
-        let counts: HashMap<&str, u64> = traced
-            .stdout
-            .split_whitespace()
-            .filter_map(|pair| {
-                let (key, value) = pair.split_once('=')?;
-                Some((key, value.parse().ok()?))
-            })
-            .collect();
+        let counts = printed_counts(&traced.stdout);
         let names = by_name(&traced.spans);
         let spans_of = |name: &str| names.get(name).map_or(0, Vec::len) as u64;
 
@@ -350,14 +354,7 @@ fn the_overhead_budget_detaches_hot_functions_of_a_thousand_and_keeps_the_others
             "{mode}: {}",
             traced.stderr
         );
-        let counts: HashMap<&str, u64> = traced
-            .stdout
-            .split_whitespace()
-            .filter_map(|pair| {
-                let (key, value) = pair.split_once('=')?;
-                Some((key, value.parse().ok()?))
-            })
-            .collect();
+        let counts = printed_counts(&traced.stdout);
         let names = by_name(&traced.spans);
         let spans_of = |name: &str| names.get(name).map_or(0, Vec::len) as u64;
 

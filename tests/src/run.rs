@@ -80,6 +80,20 @@ impl Agent {
         }
     }
 
+    /// Runs `--list --binary exe` with the fixtures' project root and
+    /// `extra`: what would be traced, without attaching.
+    pub fn list(&self, exe: &Path, extra: &[&str]) -> (ExitStatus, String, String) {
+        let mut command = Command::new(&self.bin);
+        command
+            .arg("--project-root")
+            .arg(crate::fixtures::sources_dir())
+            .args(extra)
+            .arg("--list")
+            .arg("--binary")
+            .arg(exe);
+        run_to_end(command)
+    }
+
     /// The agent command with the common arguments, writing spans to `spans_file`.
     pub fn command(&self, extra: &[&str], spans_file: &Path) -> Command {
         let mut command = Command::new(&self.bin);

@@ -348,8 +348,9 @@ struct SinglePrograms {
     entry: &'static str,
     exit: &'static str,
     uretprobe: &'static str,
-    /// The programs read their cookie with `bpf_get_attach_cookie`; the
-    /// others look the probe up by address in `PROBE_SITES`.
+    /// The programs read their cookie with `bpf_get_attach_cookie` (these
+    /// are also the ones loaded for `uprobe_multi` links); the others look
+    /// the probe up by address in `PROBE_SITES`.
     cookies: bool,
 }
 
@@ -500,14 +501,16 @@ impl Probes {
         let multi = match options.attach_mode {
             AttachMode::Single => None,
             _ if !multi_possible => None,
-            mode => match multi::load_programs(EBPF_OBJECT, &ebpf, FUNCTION_PROGRAMS) {
-                Ok(programs) => Some(programs),
-                Err(error) if mode == AttachMode::Auto => {
-                    tracing::debug!("no uprobe_multi, one link per probe: {error:#}");
-                    None
+            mode => {
+                match multi::load_programs(EBPF_OBJECT, &ebpf, SinglePrograms::WITH_COOKIES.all()) {
+                    Ok(programs) => Some(programs),
+                    Err(error) if mode == AttachMode::Auto => {
+                        tracing::debug!("no uprobe_multi, one link per probe: {error:#}");
+                        None
+                    }
+                    Err(error) => return Err(AttachError::Multi(format!("{error:#}"))),
                 }
-                Err(error) => return Err(AttachError::Multi(format!("{error:#}"))),
-            },
+            }
         };
 
         if multi.is_none() {
@@ -1023,10 +1026,6 @@ const ERROR_PROGRAMS: [&str; 7] = [
     names::PROG_RUST_PANIC_STR,
     names::PROG_RUST_PANIC_STRING,
 ];
-
-/// The programs of function probes (entry and exits) for `uprobe_multi`
-/// links (which exist only on kernels with attach cookies).
-const FUNCTION_PROGRAMS: [&str; 3] = [names::PROG_ENTRY, names::PROG_EXIT, names::PROG_URETPROBE];
 
 fn load_uprobe(ebpf: &mut Ebpf, program: &'static str) -> Result<(), AttachError> {
     let uprobe: &mut UProbe = program_mut(ebpf, program)?;
