@@ -231,6 +231,10 @@ pub fn calls_in_flight(maps: &KernelMaps) -> Vec<(u32, u32, Frame)> {
         let Ok((tid, stack)) = entry else { continue };
         add(tid, &stack);
     }
+    for entry in maps.goroutines.iter() {
+        let Ok((_, stack)) = entry else { continue };
+        add(stack.owner, &stack);
+    }
     for index in 0..maps.thread_slots.len() {
         let Ok(stack) = maps.thread_slots.get(&index, 0) else {
             continue;

@@ -87,6 +87,9 @@ pub mod span_flags {
     /// Kernel side: a call under this frame was kept, so `--min-duration`
     /// must keep this one too (a trace never loses the path to a kept span).
     pub const KEEP: u32 = 4;
+    /// A call of a Go function, kept per goroutine: the event's `tid` holds
+    /// the goroutine's id (its low 32 bits), not a thread id.
+    pub const GOROUTINE: u32 = 8;
 }
 
 /// What the kernel side keeps per traced function (the `FUNCTIONS` array,
@@ -413,10 +416,16 @@ pub mod globals {
     /// executable segment: the kernel's `mm->start_code` minus this is the
     /// process's load bias.
     pub const EXEC_START: &str = "EXEC_START";
+    /// `u32`: byte offset of `goid` in the Go runtime's `g` (from the
+    /// binary's DWARF or the per-version table); 0 when the traced binary is
+    /// not Go. Non-zero switches the function probes to goroutine stacks.
+    pub const GO_GOID_OFFSET: &str = "GO_GOID_OFFSET";
 }
 
 /// Names of the programs and maps in the eBPF object.
 pub mod names {
+    /// Shadow stacks of Go programs, by goroutine id.
+    pub const MAP_GOROUTINES: &str = "GOROUTINES";
     pub const PROG_ENTRY: &str = "omegi_entry";
     pub const PROG_EXIT: &str = "omegi_exit";
     pub const PROG_URETPROBE: &str = "omegi_uretprobe";

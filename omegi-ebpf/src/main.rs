@@ -22,6 +22,7 @@
 #![no_main]
 
 mod errors;
+mod goroutine;
 mod stack;
 
 use aya_ebpf::{
@@ -87,6 +88,15 @@ static FUNCTIONS: Array<FunctionState> =
 /// agent (1 where unused).
 #[map]
 static PROBE_SITES: HashMap<u64, u64> = HashMap::with_max_entries(1, 0);
+
+/// Shadow stacks of a Go program's goroutines (`goroutine.rs`), keyed by
+/// process and goroutine id; sized by the agent (1 for other programs).
+#[map]
+static GOROUTINES: HashMap<u64, ThreadStack> = HashMap::with_max_entries(1, 0);
+
+/// See `omegi_common::globals::GO_GOID_OFFSET`.
+#[no_mangle]
+static GO_GOID_OFFSET: Global<u32> = Global::new(0);
 
 #[no_mangle]
 static TASK_MM_OFFSET: Global<u32> = Global::new(0);
@@ -177,6 +187,10 @@ fn on_entry(ctx: &ProbeContext, cookie: u64) {
     }
     let fn_flags = (cookie >> ENTRY_FLAGS_SHIFT) as u32 & span_flags::OPEN_EXITS;
     let regs = unsafe { &*ctx.regs };
+    if goroutine::enabled() {
+        goroutine::on_entry(ctx, regs, cookie as u32, fn_flags);
+        return;
+    }
     stack::on_entry(ctx, cookie as u32, fn_flags, regs.rsp, regs.rip);
 }
 
@@ -187,6 +201,10 @@ fn on_exit(ctx: &ProbeContext, cookie: u64) {
     }
     let reason = (cookie >> EXIT_KIND_SHIFT) as u32 & 0xff;
     let regs = unsafe { &*ctx.regs };
+    if goroutine::enabled() {
+        goroutine::on_exit(regs, reason);
+        return;
+    }
     stack::on_exit(regs.rsp, reason, regs.rax);
 }
 

@@ -38,7 +38,23 @@ pub fn on_entry<C: EbpfContext>(ctx: &C, fn_id: u32, fn_flags: u32, sp: u64, ip:
         }
     };
     let now = unsafe { bpf_ktime_get_ns() };
+    push(ctx, stack, fn_id, fn_flags, sp, ip, now, tid);
+}
 
+/// Pushes a call on `stack` (a thread's, or a goroutine's with `tid` its
+/// id), first closing the frames it shows were left unseen.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+pub fn push<C: EbpfContext>(
+    ctx: &C,
+    stack: &mut ThreadStack,
+    fn_id: u32,
+    fn_flags: u32,
+    sp: u64,
+    ip: u64,
+    now: u64,
+    tid: u32,
+) {
     // A live caller's frame is strictly above ours; anything at or below it
     // has gone without our seeing it leave.
     close_frames_above(stack, sp, now, tid, end_reason::UNWOUND);
@@ -84,6 +100,12 @@ pub fn on_exit(sp: u64, reason: u32, ret: u64) {
         return;
     };
     let now = unsafe { bpf_ktime_get_ns() };
+    pop(stack, sp, reason, ret, now, tid);
+}
+
+/// Ends the call on `stack` whose frame is at `sp` (see [`push`]).
+#[inline(always)]
+pub fn pop(stack: &mut ThreadStack, sp: u64, reason: u32, ret: u64, now: u64, tid: u32) {
     // Frames below the one being left were left without a return.
     close_frames_below(stack, sp, now, tid);
     let depth = stack.depth as usize;
@@ -335,7 +357,7 @@ pub fn slot(index: usize) -> usize {
 }
 
 #[inline(always)]
-fn random_id() -> u64 {
+pub fn random_id() -> u64 {
     let id = unsafe { ((bpf_get_prandom_u32() as u64) << 32) | bpf_get_prandom_u32() as u64 };
     if id == 0 {
         1

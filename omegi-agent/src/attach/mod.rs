@@ -204,6 +204,8 @@ pub struct KernelMaps {
     pub counters: PerCpuArray<MapData, u64>,
     pub threads: BpfHashMap<MapData, u32, ThreadStack>,
     pub thread_slots: Array<MapData, ThreadStack>,
+    /// A Go program's shadow stacks, by process and goroutine.
+    pub goroutines: BpfHashMap<MapData, u64, ThreadStack>,
     /// Kernel-side diagnostics, with `--debug-ebpf`.
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
@@ -441,6 +443,13 @@ impl Probes {
         let group_dead = offset("sched", "sched_process_exit", "group_dead").unwrap_or(0);
 
         let functions = table.functions.len();
+        // A Go program's calls are kept per goroutine (see the kernel's
+        // goroutine.rs): room for this many goroutines with calls in flight
+        // at once, 3.6 kB each, reserved only for a Go program.
+        let (goid_offset, goroutine_stacks) = match &table.go {
+            Some(go) => (go.goid_offset, GOROUTINE_STACKS),
+            None => (0u32, 1),
+        };
         let split_after_ns = u64::try_from(options.split_after.as_nanos()).unwrap_or(u64::MAX);
         let min_duration_ns = u64::try_from(options.min_duration.as_nanos()).unwrap_or(u64::MAX);
         let budget_short_ns = u64::try_from(options.budget_short.as_nanos()).unwrap_or(u64::MAX);
@@ -464,6 +473,8 @@ impl Probes {
                 true,
             )
             .override_global(globals::EXEC_START, &table.exec_start, true)
+            .override_global(globals::GO_GOID_OFFSET, &goid_offset, true)
+            .map_max_entries(names::MAP_GOROUTINES, goroutine_stacks)
             .override_global("AYA_LOG_LEVEL", &log_level, false)
             .map_max_entries(names::MAP_EVENTS, options.ring_size)
             .map_max_entries(
@@ -538,6 +549,7 @@ impl Probes {
             counters: take_map(&mut ebpf, names::MAP_COUNTERS)?,
             threads: take_map(&mut ebpf, names::MAP_THREADS)?,
             thread_slots: take_map(&mut ebpf, names::MAP_THREAD_SLOTS)?,
+            goroutines: take_map(&mut ebpf, names::MAP_GOROUTINES)?,
             logger,
         };
         let tgids = take_map(&mut ebpf, names::MAP_TGIDS)?;
@@ -980,6 +992,9 @@ impl Probes {
 
 /// Threads that close links of one probe each.
 const CLOSING_THREADS: usize = 16;
+
+/// Goroutines of a Go program that can have traced calls in flight at once.
+const GOROUTINE_STACKS: u32 = 16384;
 
 /// Drops `links` (closing each detaches its probe) on [`CLOSING_THREADS`]
 /// threads.
