@@ -233,3 +233,42 @@ fn ocaml_is_traced_without_uretprobes_and_unharmed() {
         assert_eq!(count("camlGc_walk__checksum_"), 1_000, "{linking:?}");
     }
 }
+
+/// 1,000 goroutines f → g (blocked on a channel) → h under GOMAXPROCS=4:
+/// every goroutine's calls form one exact tree, whatever thread it
+/// resumed on.
+#[test]
+fn go_thousand_goroutines_each_one_exact_tree() {
+    let exe = fixtures::build("go/goroutines.go", Linking::Pie);
+    let traced = agent().trace(&exe, &[] as &[&str], &["--include", "main.[fgh]"]);
+    let plain = run::untraced(&exe, &[] as &[&str]);
+    assert_eq!(
+        traced.status.code(),
+        plain.status.code(),
+        "{}",
+        traced.stderr
+    );
+    assert_eq!(traced.stdout, String::from_utf8_lossy(&plain.stdout));
+    let count = |name: &str| traced.spans.iter().filter(|s| s.name == name).count();
+    assert_eq!(count("main.f"), 1000);
+    assert_eq!(count("main.g"), 1000);
+    assert_eq!(count("main.h"), 1000);
+    let by_id: std::collections::HashMap<&str, &omegi_tests::spans::SpanRecord> = traced
+        .spans
+        .iter()
+        .map(|span| (span.span_id.as_str(), span))
+        .collect();
+    for span in &traced.spans {
+        let parent = match span.name.as_str() {
+            "main.f" => None,
+            "main.g" => Some("main.f"),
+            _ => Some("main.g"),
+        };
+        let found = by_id.get(span.parent_span_id.as_str()).map(|p| {
+            assert_eq!(p.trace_id, span.trace_id);
+            assert_eq!(p.attributes["thread.id"], span.attributes["thread.id"]);
+            p.name.as_str()
+        });
+        assert_eq!(found, parent, "{span:?}");
+    }
+}
