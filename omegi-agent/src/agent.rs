@@ -404,6 +404,12 @@ fn report_summary(
             kernel.ring_full
         ));
     }
+    if kernel.records_ring_full > 0 {
+        lost.push(format!(
+            "{} error or thread-exit records lost in a full ring buffer",
+            kernel.records_ring_full
+        ));
+    }
     if kernel.depth_overflow > 0 {
         lost.push(format!(
             "{} calls not traced beyond depth {}",

@@ -61,6 +61,8 @@ pub struct KernelCounters {
     pub unmatched_exits: u64,
     /// Calls left out by `--min-duration` (a choice, not a loss).
     pub filtered: u64,
+    /// Error and thread-exit records lost because the ring buffer was full.
+    pub records_ring_full: u64,
 }
 
 impl KernelCounters {
@@ -77,6 +79,7 @@ impl KernelCounters {
             threads_full: sum(counter::THREADS_FULL),
             unmatched_exits: sum(counter::UNMATCHED_EXIT),
             filtered: sum(counter::FILTERED),
+            records_ring_full: sum(counter::RECORDS_RING_FULL),
         }
     }
 

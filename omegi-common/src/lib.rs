@@ -372,6 +372,9 @@ pub mod counter {
     /// Calls shorter than `--min-duration` left out on purpose (a choice,
     /// not a loss).
     pub const FILTERED: u32 = 4;
+    /// Error and thread-exit records lost because the ring buffer was full
+    /// (not spans: kept apart so that span counts add up exactly).
+    pub const RECORDS_RING_FULL: u32 = 5;
     /// Number of counters.
     pub const COUNT: u32 = 8;
 }

@@ -231,7 +231,7 @@ fn on_catch(sp: u64, kind: u32) {
 #[inline(always)]
 fn reserve(kind: u32, tgid: u32, tid: u32) -> Option<&'static mut ErrorEvent> {
     let Some(entry) = EVENTS.reserve::<ErrorEvent>(0) else {
-        count(counter::RING_FULL);
+        count(counter::RECORDS_RING_FULL);
         return None;
     };
     // The entry is submitted by `submit` through this same pointer.

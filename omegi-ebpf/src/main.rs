@@ -282,7 +282,7 @@ pub fn omegi_task_exit(ctx: TracePointContext) -> u32 {
                 });
                 entry.submit(0);
             }
-            None => count(counter::RING_FULL),
+            None => count(counter::RECORDS_RING_FULL),
         }
     }
     if tid != tgid {
