@@ -22,8 +22,10 @@ use anyhow::{bail, Context, Result};
 
 use crate::{root, run};
 
+mod exceptions;
 mod instructions;
 mod per_call;
+use exceptions::ExceptionCheck;
 use instructions::InstructionCost;
 use per_call::PerCall;
 
@@ -250,56 +252,6 @@ impl Bench {
             .args(["--overhead-budget", "off"])
             .args(extra);
         command
-    }
-
-    fn exception_safety(&self) -> Result<Vec<ExceptionCheck>> {
-        let mut checks = Vec::new();
-        for (label, exe, pattern, include) in [
-            (
-                "C++: work() throws once, main catches",
-                self.bin.join("loop_cpp"),
-                symbol_containing(&self.bin.join("loop_cpp"), "4worki")?,
-                "work",
-            ),
-            (
-                "Rust: work() panics once, main catches",
-                self.bin.join("loop_rs"),
-                symbol_containing(&self.bin.join("loop_rs"), "4loop4work")?,
-                "loop::work",
-            ),
-        ] {
-            let args = ["2000", "1000"];
-            let path = exe.display();
-            let script = format!(
-                "uprobe:{path}:{pattern} {{ @calls = count(); }} \
-                 uretprobe:{path}:{pattern} {{ @returns = count(); }}"
-            );
-            let bpftrace = {
-                let _tracer = Bpftrace::start(&script)?;
-                run_capture(Command::new(&exe).args(args))?
-            };
-            let mut command = self.omegi(include, &[]);
-            command.arg("--").arg(&exe).args(args);
-            let omegi = run_capture(&mut command)?;
-            let outcome = |result: &RunResult| {
-                if result.status.success() && result.fields.num("caught") == 1.0 {
-                    "caught, exit 0".to_owned()
-                } else {
-                    describe_status(result.status)
-                }
-            };
-            let check = ExceptionCheck {
-                label: label.into(),
-                bpftrace: outcome(&bpftrace),
-                omegi: outcome(&omegi),
-            };
-            println!(
-                "  {label}: bpftrace uprobe+uretprobe: {}; omegi: {}",
-                check.bpftrace, check.omegi
-            );
-            checks.push(check);
-        }
-        Ok(checks)
     }
 
     /// Time spent in the BPF programs per run, from the kernel's own
@@ -894,15 +846,6 @@ fn number_after(text: &str, marker: &str) -> Option<f64> {
     rest[..end].parse().ok()
 }
 
-fn describe_status(status: ExitStatus) -> String {
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exit {code}"),
-        (None, Some(6)) => "killed by SIGABRT".into(),
-        (None, Some(signal)) => format!("killed by signal {signal}"),
-        _ => status.to_string(),
-    }
-}
-
 fn median(values: &[f64]) -> f64 {
     let mut sorted: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
     if sorted.is_empty() {
@@ -980,12 +923,6 @@ impl Default for Options {
             output: PathBuf::from("BENCHMARKS.md"),
         }
     }
-}
-
-struct ExceptionCheck {
-    label: String,
-    bpftrace: String,
-    omegi: String,
 }
 
 struct BpfTime {
@@ -1243,18 +1180,7 @@ impl Report {
 
         per_call::markdown(&mut md, &self.per_call);
 
-        let _ = writeln!(
-            md,
-            "### Exception safety\n\nThe same C++ and Rust loops, where one call of `work` throws \
-             (panics) and `main` catches it.\n\n| program | bpftrace uprobe + uretprobe | omegi |\n|---|---|---|"
-        );
-        for check in &self.exceptions {
-            let _ = writeln!(
-                md,
-                "| {} | {} | {} |",
-                check.label, check.bpftrace, check.omegi
-            );
-        }
+        exceptions::markdown(&mut md, &self.exceptions);
 
         let _ = writeln!(
             md,
