@@ -22,11 +22,13 @@ use anyhow::{bail, Context, Result};
 use crate::{root, run};
 
 mod bpf_time;
+mod budget;
 mod exceptions;
 mod instructions;
 mod per_call;
 mod rates;
 use bpf_time::BpfTime;
+use budget::BudgetRow;
 use exceptions::ExceptionCheck;
 use instructions::InstructionCost;
 use per_call::PerCall;
@@ -255,65 +257,6 @@ impl Bench {
             .args(["--overhead-budget", "off"])
             .args(extra);
         command
-    }
-
-    fn budget(&self) -> Result<Vec<BudgetRow>> {
-        let exe = self.bin.join("loop");
-        let calls = if self.quick { 1_500_000 } else { 3_000_000 };
-        let mut rows = Vec::new();
-        let plain = run_capture(Command::new(&exe).arg(calls.to_string()))?;
-        let untraced = plain.fields.num("loop_ns");
-        for (name, budget) in [
-            ("--overhead-budget off", "off"),
-            ("--overhead-budget 100000,1us (default)", "100000,1us"),
-        ] {
-            let mut command = Command::new(&self.agent);
-            command
-                .arg("--project-root")
-                .arg(&self.sources)
-                .args([
-                    "--include",
-                    "work",
-                    "--format",
-                    "json",
-                    "--output",
-                    "/dev/null",
-                ])
-                .args(["--overhead-budget", budget])
-                .arg("--")
-                .arg(&exe)
-                .arg(calls.to_string());
-            let result = run_capture(&mut command)?;
-            let wall = result.fields.num("loop_ns");
-            let summary = AgentSummary::parse(&result.stderr);
-            let detached = result
-                .stderr
-                .lines()
-                .find(|line| line.contains("detached ") && line.contains("calls/s"))
-                .map(|line| line.trim_start_matches("omegi-agent: warning: ").to_owned())
-                .unwrap_or_default();
-            let row = BudgetRow {
-                name: name.into(),
-                calls: calls as f64,
-                per_call_ns: (wall - untraced) / calls as f64,
-                spans: summary.spans,
-                detached,
-            };
-            println!(
-                "  {:<42} {:>6.0} ns/call over {} calls, {} spans{}",
-                row.name,
-                row.per_call_ns,
-                calls,
-                row.spans,
-                if row.detached.is_empty() {
-                    String::new()
-                } else {
-                    format!("\n    {}", row.detached)
-                }
-            );
-            rows.push(row);
-        }
-        Ok(rows)
     }
 
     // ---------------------------------------------------------------- attach
@@ -675,14 +618,6 @@ impl Default for Options {
     }
 }
 
-struct BudgetRow {
-    name: String,
-    calls: f64,
-    per_call_ns: f64,
-    spans: u64,
-    detached: String,
-}
-
 struct AttachRow {
     functions: usize,
     mode: String,
@@ -845,19 +780,7 @@ impl Report {
 
         rates::markdown(&mut md, &self.rates, &self.drain, &self.min_duration);
 
-        let _ = writeln!(
-            md,
-            "\n## Overhead budget\n\n(a) with many calls, `--overhead-budget` off and at its \
-             default. The agent checks the kernel's per-function counts once a second.\n\n\
-             | setting | calls | overhead per call (ns) | spans | what the agent said |\n|---|---:|---:|---:|---|"
-        );
-        for row in &self.budget {
-            let _ = writeln!(
-                md,
-                "| `{}` | {:.0} | {:.0} | {} | {} |",
-                row.name, row.calls, row.per_call_ns, row.spans, row.detached
-            );
-        }
+        budget::markdown(&mut md, &self.budget);
 
         let _ = writeln!(
             md,
