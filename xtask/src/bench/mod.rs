@@ -21,6 +21,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::{root, run};
 
+mod assembly;
 mod attach;
 mod bpf_time;
 mod budget;
@@ -28,6 +29,7 @@ mod exceptions;
 mod instructions;
 mod per_call;
 mod rates;
+use assembly::AssemblyRow;
 use attach::AttachRow;
 use bpf_time::BpfTime;
 use budget::BudgetRow;
@@ -259,40 +261,6 @@ impl Bench {
             .args(["--overhead-budget", "off"])
             .args(extra);
         command
-    }
-
-    fn assembly(&self) -> Result<Vec<AssemblyRow>> {
-        let spans = if self.quick { "1000000" } else { "3000000" };
-        let output = Command::new(&self.assembly_bench)
-            .args(["--spans", spans])
-            .output()
-            .context("running the assembly micro-benchmark")?;
-        if !output.status.success() {
-            bail!(
-                "assembly_bench failed: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
-        let rows: Vec<AssemblyRow> = String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .map(Fields::parse)
-            .filter(|fields| fields.0.contains_key("stage"))
-            .map(|fields| AssemblyRow {
-                stage: fields.get_text("stage").replace('_', " "),
-                shape: fields.get_text("shape").replace('_', " "),
-                spans: fields.num("spans"),
-                ns: fields.num("ns"),
-            })
-            .collect();
-        for row in &rows {
-            println!(
-                "  {:<28} {:<34} {:>6.2} M spans/s",
-                row.stage,
-                row.shape,
-                row.spans_per_second() / 1e6
-            );
-        }
-        Ok(rows)
     }
 }
 
@@ -535,19 +503,6 @@ impl Default for Options {
     }
 }
 
-struct AssemblyRow {
-    stage: String,
-    shape: String,
-    spans: f64,
-    ns: f64,
-}
-
-impl AssemblyRow {
-    fn spans_per_second(&self) -> f64 {
-        self.spans / (self.ns / 1e9)
-    }
-}
-
 #[derive(Default)]
 struct Machine {
     kernel: String,
@@ -692,22 +647,7 @@ impl Report {
 
         attach::markdown(&mut md, &self.attach);
 
-        let _ = writeln!(
-            md,
-            "\n## Assembly and export throughput on one core\n\n`omegi-agent/examples/assembly_bench.rs` \
-             feeds recorded-format events (ring buffer records, decoded as the reader does) to \
-             `Assembler::on_span` on one thread, then to the console exporter's JSON writer \
-             (into memory).\n\n| stage | trace shape | spans/s |\n|---|---|---:|"
-        );
-        for row in &self.assembly {
-            let _ = writeln!(
-                md,
-                "| {} | {} | {:.0} |",
-                row.stage,
-                row.shape,
-                row.spans_per_second()
-            );
-        }
+        assembly::markdown(&mut md, &self.assembly);
         md.push_str(&self.targets());
         md.push_str(&self.levers());
         md.push_str(HISTORY);
