@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::{Context, Result};
 
-use super::{run_capture, Bench, Bpftrace};
+use super::{counting_script, run_capture, Bench, Bpftrace};
 
 impl Bench {
     /// Time spent in the BPF programs per run, from the kernel's own
@@ -26,10 +26,7 @@ impl Bench {
         let mut rows = Vec::new();
         // bpftrace.
         {
-            let path = exe.display();
-            let tracer = Bpftrace::start(&format!(
-                "uprobe:{path}:work {{ @calls = count(); }} uretprobe:{path}:work {{ @returns = count(); }}"
-            ))?;
+            let tracer = Bpftrace::start(&counting_script(&exe, "work"))?;
             run_capture(Command::new(&exe).arg(calls))?;
             let (runs, ns) = bpf_prog_stats(tracer.pid());
             rows.push(BpfTime::new(

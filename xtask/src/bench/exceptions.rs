@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::Result;
 
-use super::{run_capture, symbol_containing, Bench, Bpftrace, RunResult};
+use super::{counting_script, run_capture, symbol_containing, Bench, Bpftrace, RunResult};
 
 impl Bench {
     pub(super) fn exception_safety(&self) -> Result<Vec<ExceptionCheck>> {
@@ -33,11 +33,7 @@ impl Bench {
             ),
         ] {
             let args = ["2000", "1000"];
-            let path = exe.display();
-            let script = format!(
-                "uprobe:{path}:{pattern} {{ @calls = count(); }} \
-                 uretprobe:{path}:{pattern} {{ @returns = count(); }}"
-            );
+            let script = counting_script(&exe, &pattern);
             let bpftrace = {
                 let _tracer = Bpftrace::start(&script)?;
                 run_capture(Command::new(&exe).args(args))?

@@ -405,6 +405,16 @@ impl Drop for Bpftrace {
     }
 }
 
+/// The kernel's floor, as bpftrace writes it by hand: a uprobe and a
+/// uretprobe on `pattern` in `exe`, each counting into a map.
+fn counting_script(exe: &Path, pattern: &str) -> String {
+    let path = exe.display();
+    format!(
+        "uprobe:{path}:{pattern} {{ @calls = count(); }} \
+         uretprobe:{path}:{pattern} {{ @returns = count(); }}"
+    )
+}
+
 /// The first defined text symbol of `exe` containing `part`.
 fn symbol_containing(exe: &Path, part: &str) -> Result<String> {
     let output = Command::new("nm").arg("--defined-only").arg(exe).output()?;
@@ -507,5 +517,13 @@ mod tests {
         assert_eq!(fields.num("calls"), 200.0);
         assert_eq!(fields.get_text("class"), "push");
         assert!(fields.num("missing").is_nan());
+    }
+
+    #[test]
+    fn counting_script_is_one_line() {
+        assert_eq!(
+            counting_script(Path::new("/b/loop"), "work"),
+            "uprobe:/b/loop:work { @calls = count(); } uretprobe:/b/loop:work { @returns = count(); }"
+        );
     }
 }

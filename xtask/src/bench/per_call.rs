@@ -11,7 +11,7 @@ use std::{fmt::Write as _, process::Command};
 
 use anyhow::{bail, Result};
 
-use super::{median, run_capture, Bench, Bpftrace, RunResult, Target};
+use super::{counting_script, median, run_capture, Bench, Bpftrace, RunResult, Target};
 
 impl Bench {
     pub(super) fn per_call(&self) -> Result<Vec<PerCall>> {
@@ -28,10 +28,7 @@ impl Bench {
                 ),
                 (
                     "bpftrace: uprobe + uretprobe, counting".into(),
-                    Runner::Bpftrace(format!(
-                        "uprobe:{path}:{pattern} {{ @calls = count(); }} \
-                         uretprobe:{path}:{pattern} {{ @returns = count(); }}"
-                    )),
+                    Runner::Bpftrace(counting_script(&target.exe, pattern)),
                 ),
                 ("omegi (default)".into(), Runner::Omegi(Vec::new())),
             ];
