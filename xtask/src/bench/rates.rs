@@ -19,6 +19,15 @@ use anyhow::{bail, Context, Result};
 use super::{result_of, AgentSummary, Bench, RunResult};
 
 impl Bench {
+    /// How long each paced run lasts.
+    fn paced_seconds(&self) -> f64 {
+        if self.quick {
+            2.0
+        } else {
+            3.0
+        }
+    }
+
     fn paced(&self, rate: u64, seconds: f64, extra: &[&str]) -> Result<RateRow> {
         let exe = self.bin.join("paced");
         let mut command = self.omegi("work", extra);
@@ -50,7 +59,7 @@ impl Bench {
     }
 
     pub(super) fn rate_sweep(&self) -> Result<Vec<RateRow>> {
-        let seconds = if self.quick { 2.0 } else { 3.0 };
+        let seconds = self.paced_seconds();
         // 0: the agent started, attached and idle for the same time, to
         // tell its start-up cost from its cost per call.
         let rates: &[u64] = if self.quick {
@@ -70,7 +79,7 @@ impl Bench {
     }
 
     pub(super) fn drain_intervals(&self) -> Result<Vec<RateRow>> {
-        let seconds = if self.quick { 2.0 } else { 3.0 };
+        let seconds = self.paced_seconds();
         let intervals: &[&str] = if self.quick {
             &["1ms", "10ms", "100ms"]
         } else {
@@ -86,7 +95,7 @@ impl Bench {
     }
 
     pub(super) fn min_duration(&self) -> Result<Vec<RateRow>> {
-        let seconds = if self.quick { 2.0 } else { 3.0 };
+        let seconds = self.paced_seconds();
         let mut rows = Vec::new();
         for setting in [&[][..], &["--min-duration", "20us"][..]] {
             let row = self.paced(500_000, seconds, setting)?;
