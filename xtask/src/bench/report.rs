@@ -167,19 +167,12 @@ impl Report {
         );
 
         instructions::markdown(&mut md, &self.instructions);
-
         per_call::markdown(&mut md, &self.per_call);
-
         exceptions::markdown(&mut md, &self.exceptions);
-
         bpf_time::markdown(&mut md, &self.bpf_time);
-
         rates::markdown(&mut md, &self.rates, &self.drain, &self.min_duration);
-
         budget::markdown(&mut md, &self.budget);
-
         attach::markdown(&mut md, &self.attach);
-
         assembly::markdown(&mut md, &self.assembly);
         md.push_str(&self.targets());
         md.push_str(&self.levers());
