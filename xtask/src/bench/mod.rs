@@ -6,6 +6,12 @@
 //! a noisy neighbour slows every configuration alike. The target programs are
 //! in `xtask/bench/`; each times its own loop and prints `key=value` pairs.
 //! The results are printed and written to `BENCHMARKS.md`.
+//!
+//! Each case is a module: its runs (methods of [`Bench`]), the rows they
+//! measure and its section of `BENCHMARKS.md`. `report` puts the sections
+//! together, with the targets and levers that read across cases; what the
+//! cases share (running a target, bpftrace, the agent's summary, medians) is
+//! here.
 
 use std::{
     collections::BTreeMap,
