@@ -188,7 +188,8 @@ async fn trace(
         config.max_trace_spans,
         config.flow_rate,
         rules,
-    );
+    )
+    .with_http_stats(Arc::clone(&reader_stats.http));
     let reader = Reader::start(
         maps,
         assembler,
@@ -406,8 +407,34 @@ fn report_summary(
     }
     if kernel.records_ring_full > 0 {
         lost.push(format!(
-            "{} error or thread-exit records lost in a full ring buffer",
+            "{} error, thread-exit or HTTP records lost in a full ring buffer",
             kernel.records_ring_full
+        ));
+    }
+    if kernel.connections_full > 0 {
+        lost.push(format!(
+            "{} HTTP connections not followed: connection table full",
+            kernel.connections_full
+        ));
+    }
+    let http = &reader.http;
+    if load(&http.malformed_traceparents) > 0 {
+        let _ = write!(
+            line,
+            ", {} malformed traceparent headers ignored",
+            load(&http.malformed_traceparents)
+        );
+    }
+    if load(&http.unparsable_requests) > 0 {
+        lost.push(format!(
+            "{} HTTP requests whose head could not be parsed (spans named HTTP)",
+            load(&http.unparsable_requests)
+        ));
+    }
+    if load(&http.forgotten) > 0 {
+        lost.push(format!(
+            "{} HTTP messages forgotten: too many open at once",
+            load(&http.forgotten)
         ));
     }
     if kernel.depth_overflow > 0 {

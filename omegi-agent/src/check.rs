@@ -71,6 +71,7 @@ pub fn run() -> bool {
         all_processes: false,
         ring_size: 1 << 16,
         debug_ebpf: false,
+        http: true,
     };
     let table = FunctionTable::from_functions("--check", Vec::new());
     match Probes::load(&options, &table) {

@@ -6,7 +6,10 @@ use std::{ffi::OsString, path::PathBuf};
 
 use clap::{ArgGroup, Parser, ValueEnum};
 
-use crate::attach::{AttachMode, ProbeLookup, ReturnProbes};
+use crate::{
+    attach::{AttachMode, ProbeLookup, ReturnProbes},
+    http::Propagation,
+};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -198,6 +201,20 @@ pub struct Cli {
     /// measuring what probe placement buys).
     #[arg(long, hide = true)]
     pub entry_at_first_instruction: bool,
+
+    /// HTTP/1.x on the traced processes' TCP sockets: `read` makes every
+    /// request served a SERVER span (the service's entry span, continuing the
+    /// caller's trace when it sends a W3C traceparent) and every request made
+    /// from a traced call a CLIENT span; `off` traces functions only.
+    /// (Injecting traceparent into outgoing requests is not there yet.)
+    #[arg(
+        long,
+        env = "OMEGI_PROPAGATION",
+        value_enum,
+        default_value = "read",
+        value_name = "MODE"
+    )]
+    pub propagation: Propagation,
 
     /// Show the eBPF programs' own diagnostics.
     #[arg(long)]

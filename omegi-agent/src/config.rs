@@ -126,6 +126,7 @@ impl Config {
             thread_slots: parse_thread_slots(cli.thread_slots)?,
             attach_mode: cli.attach_mode,
             probe_lookup: cli.probe_lookup,
+            http: cli.propagation != crate::http::Propagation::Off,
         };
         Ok(Self {
             target,

@@ -14,7 +14,7 @@ use std::{
 };
 
 use aya::maps::{MapData, PerCpuArray};
-use omegi_common::{counter, event_kind, ErrorEvent, Frame, SpanEvent, ThreadExitEvent};
+use omegi_common::{counter, event_kind, ErrorEvent, Frame, HttpEvent, SpanEvent, ThreadExitEvent};
 
 use crate::{
     assembly::{Assembler, Clock, Trace, IDLE_PIECE_AFTER},
@@ -46,6 +46,8 @@ pub struct ReaderStats {
     pub pieces: AtomicU64,
     /// Records of a kind or size this agent does not know.
     pub malformed: AtomicU64,
+    /// What went wrong with HTTP messages.
+    pub http: Arc<crate::http::HttpStats>,
 }
 
 /// What the kernel side could not do, summed over CPUs.
@@ -61,8 +63,11 @@ pub struct KernelCounters {
     pub unmatched_exits: u64,
     /// Calls left out by `--min-duration` (a choice, not a loss).
     pub filtered: u64,
-    /// Error and thread-exit records lost because the ring buffer was full.
+    /// Error, thread-exit and HTTP records lost because the ring buffer
+    /// was full.
     pub records_ring_full: u64,
+    /// HTTP connections not followed: the kernel's table was full.
+    pub connections_full: u64,
 }
 
 impl KernelCounters {
@@ -80,6 +85,7 @@ impl KernelCounters {
             unmatched_exits: sum(counter::UNMATCHED_EXIT),
             filtered: sum(counter::FILTERED),
             records_ring_full: sum(counter::RECORDS_RING_FULL),
+            connections_full: sum(counter::CONNECTIONS_FULL),
         }
     }
 
@@ -95,6 +101,7 @@ pub enum Event {
     Span(SpanEvent),
     Error(Box<ErrorEvent>),
     ThreadExit(ThreadExitEvent),
+    Http(Box<HttpEvent>),
 }
 
 /// Decodes one ring buffer record.
@@ -104,6 +111,7 @@ pub fn decode(record: &[u8]) -> Option<Event> {
         event_kind::SPAN => read::<SpanEvent>(record).map(Event::Span),
         event_kind::ERROR => read::<ErrorEvent>(record).map(|event| Event::Error(Box::new(event))),
         event_kind::THREAD_EXIT => read::<ThreadExitEvent>(record).map(Event::ThreadExit),
+        event_kind::HTTP => read::<HttpEvent>(record).map(|event| Event::Http(Box::new(event))),
         _ => None,
     }
 }
@@ -196,6 +204,10 @@ fn drain(
             }
             Some(Event::Error(event)) => assembler.on_error(&event),
             Some(Event::ThreadExit(event)) => assembler.on_thread_exit(&event),
+            Some(Event::Http(event)) => {
+                assembler.on_http(&event);
+                Vec::new()
+            }
             None => {
                 stats.malformed.fetch_add(1, Ordering::Relaxed);
                 Vec::new()

@@ -13,7 +13,9 @@
 //!   one's entry and exit probes go (x86-64 decoding).
 //! - [`attach`]: loading the eBPF programs and putting the probes in place.
 //! - [`events`]: draining the ring buffer the kernel side writes to.
-//! - [`assembly`]: ended calls become spans and traces.
+//! - [`assembly`]: ended calls become spans and traces; [`http`] parses the
+//!   HTTP requests the kernel saw on sockets (SERVER and CLIENT spans, the
+//!   caller's `traceparent`).
 //! - [`export`]: traces leave the agent (console, Kafka, OTLP).
 //!
 //! [`process`] starts or watches the traced program, [`budget`] detaches
@@ -30,4 +32,5 @@ pub mod config;
 pub mod discovery;
 pub mod events;
 pub mod export;
+pub mod http;
 pub mod process;

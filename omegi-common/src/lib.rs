@@ -56,6 +56,9 @@ pub mod event_kind {
     /// A [`ThreadExitEvent`](super::ThreadExitEvent): a thread that made
     /// traced calls exited (after its open calls were closed).
     pub const THREAD_EXIT: u32 = 3;
+    /// An [`HttpEvent`](super::HttpEvent): bytes of an HTTP/1.x message on a
+    /// traced process's TCP socket.
+    pub const HTTP: u32 = 4;
 }
 
 /// Why a traced call's span ended.
@@ -73,6 +76,11 @@ pub mod end_reason {
     pub const UNWOUND: u32 = 3;
     /// The thread exited with the call still on its stack.
     pub const THREAD_EXIT: u32 = 4;
+    /// An HTTP client call whose connection closed before a response came.
+    pub const CONNECTION_CLOSED: u32 = 5;
+    /// A server request that the thread gave up before answering it (it
+    /// read the next request, or the connection closed).
+    pub const NOT_ANSWERED: u32 = 6;
 }
 
 /// Flags of a [`SpanEvent`] (and of a [`Frame`]).
@@ -90,6 +98,12 @@ pub mod span_flags {
     /// A call of a Go function, kept per goroutine: the event's `tid` holds
     /// the goroutine's id (its low 32 bits), not a thread id.
     pub const GOROUTINE: u32 = 8;
+    /// An HTTP request read from a socket (a `SERVER` span; its bytes came
+    /// as [`HttpEvent`](super::HttpEvent)s with its span id). Its `fn_id` is
+    /// [`NO_FUNCTION`](super::NO_FUNCTION).
+    pub const HTTP_SERVER: u32 = 16;
+    /// An HTTP request written to a socket (a `CLIENT` span).
+    pub const HTTP_CLIENT: u32 = 32;
 }
 
 /// What the kernel side keeps per traced function (the `FUNCTIONS` array,
@@ -182,6 +196,106 @@ pub struct SpanEvent {
     /// `rax` when the call returned through a `ret` (its return value);
     /// 0 for other ends.
     pub ret: u64,
+}
+
+/// The `fn_id` of a span that is not a function call (an HTTP span).
+pub const NO_FUNCTION: u32 = u32::MAX;
+
+/// Bytes of an HTTP message one [`HttpEvent`] carries.
+pub const HTTP_CHUNK: usize = 4096;
+
+/// Bytes of one HTTP request (head and body) copied at most, in chunks:
+/// enough for a large header block, bounded for a stream that never ends.
+pub const HTTP_MAX_COPY: u32 = 16384;
+
+/// Bytes of a response copied: its status line.
+pub const HTTP_RESPONSE_COPY: u32 = 256;
+
+/// Which message an [`HttpEvent`] carries bytes of.
+pub mod http_part {
+    /// A request read by a server (the span is `HTTP_SERVER`).
+    pub const SERVER_REQUEST: u32 = 1;
+    /// The start of the response a server wrote.
+    pub const SERVER_RESPONSE: u32 = 2;
+    /// A request written by a client (the span is `HTTP_CLIENT`).
+    pub const CLIENT_REQUEST: u32 = 3;
+    /// The start of the response the client read.
+    pub const CLIENT_RESPONSE: u32 = 4;
+}
+
+/// One end of a TCP connection, as the kernel's socket holds it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Endpoint {
+    /// IPv4 in the first 4 bytes, or IPv6; network byte order.
+    pub addr: [u8; 16],
+    /// Host byte order.
+    pub port: u16,
+    /// `AF_INET` (2) or `AF_INET6` (10); 0 when not known.
+    pub family: u16,
+    pub _pad: u32,
+}
+
+/// Bytes of an HTTP/1.x message on a traced process's TCP socket: the
+/// agent parses them (the kernel only recognises a request line or status
+/// line by its first bytes).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct HttpEvent {
+    /// Always [`event_kind::HTTP`].
+    pub kind: u32,
+    /// One of [`http_part`].
+    pub part: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    pub fd: u32,
+    /// Valid bytes of `data`.
+    pub len: u32,
+    /// The span the message belongs to.
+    pub span_id: u64,
+    pub local: Endpoint,
+    pub peer: Endpoint,
+    pub data: [u8; HTTP_CHUNK],
+}
+
+/// Byte offsets of the kernel fields that lead from a file descriptor to
+/// its socket and the socket's addresses, read from the kernel's BTF by the
+/// agent (fields of `struct sock` are those of its `__sk_common`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketOffsets {
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdtable_fd: u32,
+    pub file_private_data: u32,
+    pub file_inode: u32,
+    pub inode_mode: u32,
+    pub socket_type: u32,
+    pub socket_sk: u32,
+    pub sk_daddr: u32,
+    pub sk_rcv_saddr: u32,
+    pub sk_dport: u32,
+    pub sk_num: u32,
+    pub sk_family: u32,
+    pub sk_v6_daddr: u32,
+    pub sk_v6_rcv_saddr: u32,
+    pub _pad: u32,
+}
+
+/// A request a server thread is answering (see `ThreadStack::request`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServerRequest {
+    /// The `HTTP_SERVER` span's id; 0 when there is none.
+    pub span_id: u64,
+    pub start_ns: u64,
+    /// When the response's first bytes were written; 0 until then.
+    pub responded_ns: u64,
+    /// Traced calls the thread makes at this depth are the request's
+    /// children; it drops when the thread's stack does (the call that read
+    /// the request returned).
+    pub depth: u32,
+    pub fd: u32,
 }
 
 /// What an [`ErrorEvent`] reports.
@@ -354,6 +468,8 @@ pub struct ThreadStack {
     pub owner: u32,
     /// Where the thread's span ids go on from (random at its first call).
     pub next_id: u64,
+    /// The HTTP request the thread is answering, if any.
+    pub request: ServerRequest,
     pub frames: [Frame; MAX_DEPTH],
 }
 
@@ -375,6 +491,8 @@ pub mod counter {
     /// Error and thread-exit records lost because the ring buffer was full
     /// (not spans: kept apart so that span counts add up exactly).
     pub const RECORDS_RING_FULL: u32 = 5;
+    /// HTTP connections not followed: the connection table was full.
+    pub const CONNECTIONS_FULL: u32 = 6;
     /// Number of counters.
     pub const COUNT: u32 = 8;
 }
@@ -423,6 +541,10 @@ pub mod globals {
     /// binary's DWARF or the per-version table); 0 when the traced binary is
     /// not Go. Non-zero switches the function probes to goroutine stacks.
     pub const GO_GOID_OFFSET: &str = "GO_GOID_OFFSET";
+    /// `u8`: 1 follows HTTP/1.x on traced processes' TCP sockets.
+    pub const HTTP_ENABLED: &str = "HTTP_ENABLED";
+    /// [`SocketOffsets`](super::SocketOffsets), from the kernel's BTF.
+    pub const SOCKET_OFFSETS: &str = "SOCKET_OFFSETS";
 }
 
 /// Names of the programs and maps in the eBPF object.
@@ -456,6 +578,16 @@ pub mod names {
     pub const MAP_STATE: &str = "STATE";
     pub const MAP_FUNCTIONS: &str = "FUNCTIONS";
     pub const MAP_PROBE_SITES: &str = "PROBE_SITES";
+    pub const MAP_CONNECTIONS: &str = "CONNECTIONS";
+    /// HTTP on sockets: the programs on syscall tracepoints.
+    pub const PROG_IO_READ: &str = "omegi_io_read";
+    pub const PROG_IO_WRITE: &str = "omegi_io_write";
+    pub const PROG_IO_READV: &str = "omegi_io_readv";
+    pub const PROG_IO_WRITEV: &str = "omegi_io_writev";
+    pub const PROG_IO_RECVMSG: &str = "omegi_io_recvmsg";
+    pub const PROG_IO_SENDMSG: &str = "omegi_io_sendmsg";
+    pub const PROG_IO_EXIT: &str = "omegi_io_exit";
+    pub const PROG_IO_CLOSE: &str = "omegi_io_close";
 }
 
 #[cfg(feature = "user")]
@@ -473,3 +605,9 @@ unsafe impl aya::Pod for ThreadStack {}
 #[cfg(feature = "user")]
 // SAFETY: as above.
 unsafe impl aya::Pod for FunctionState {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for HttpEvent {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for SocketOffsets {}

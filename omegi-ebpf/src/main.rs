@@ -23,6 +23,7 @@
 
 mod errors;
 mod goroutine;
+mod http;
 mod stack;
 
 use aya_ebpf::{
@@ -270,6 +271,7 @@ pub fn omegi_task_exit(ctx: TracePointContext) -> u32 {
     if let Some(stack) = stack::thread_stack(tid) {
         let now = unsafe { bpf_ktime_get_ns() };
         stack::close_frames_above(stack, u64::MAX, now, tid, end_reason::THREAD_EXIT);
+        http::thread_exit(stack, now, tid);
         stack::free_thread_stack(stack, tid);
         match EVENTS.reserve::<ThreadExitEvent>(0) {
             Some(mut entry) => {

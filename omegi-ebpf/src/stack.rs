@@ -66,7 +66,12 @@ pub fn push<C: EbpfContext>(
         return;
     }
     let span_id = next_span_id(stack);
-    let (flags, parent_span_id, trace_key) = if depth == 0 {
+    let request = &stack.request;
+    let (flags, parent_span_id, trace_key) = if request.span_id != 0 && depth as u32 == request.depth
+    {
+        // The HTTP request this thread is answering is its entry span.
+        (0, request.span_id, request.span_id)
+    } else if depth == 0 {
         (span_flags::TRACE_ROOT, 0, span_id)
     } else {
         let parent = &stack.frames[slot(depth - 1)];
@@ -192,6 +197,22 @@ fn end_frame(
     tid: u32,
     ret: u64,
 ) {
+    end_call(stack, frame, index, now, reason, tid, ret);
+    if stack.request.span_id != 0 {
+        crate::http::frame_left(stack, index as u32, now, tid);
+    }
+}
+
+#[inline(always)]
+fn end_call(
+    stack: &mut ThreadStack,
+    frame: &Frame,
+    index: usize,
+    now: u64,
+    reason: u32,
+    tid: u32,
+    ret: u64,
+) {
     let duration = now.wrapping_sub(frame.start_ns);
     let function = FUNCTIONS.get_ptr_mut(frame.fn_id);
     if let Some(function) = function {
@@ -282,7 +303,7 @@ fn slot_index(tid: u32) -> Option<u32> {
 /// if no other thread holds it (claimed atomically in `SLOT_CLAIMS`), else
 /// in the hash map.
 #[inline(always)]
-fn new_thread_stack(tgid: u32, tid: u32) -> Option<&'static mut ThreadStack> {
+pub fn new_thread_stack(tgid: u32, tid: u32) -> Option<&'static mut ThreadStack> {
     if let Some(index) =
         slot_index(tid).filter(|index| SLOT_CLAIMS.insert(index, &tid, BPF_NOEXIST as u64).is_ok())
     {
@@ -292,6 +313,7 @@ fn new_thread_stack(tgid: u32, tid: u32) -> Option<&'static mut ThreadStack> {
             slot.unwinding = 0;
             slot.tgid = tgid;
             slot.next_id = random_id();
+            slot.request = Default::default();
             // Last: from here on lookups find the slot.
             slot.owner = tid;
             return Some(slot);
@@ -333,7 +355,7 @@ pub fn free_thread_stack(stack: &mut ThreadStack, tid: u32) {
 /// the thread, random-looking, and two helper calls cheaper per call than
 /// asking the kernel for 64 random bits.
 #[inline(always)]
-fn next_span_id(stack: &mut ThreadStack) -> u64 {
+pub fn next_span_id(stack: &mut ThreadStack) -> u64 {
     stack.next_id = stack.next_id.wrapping_add(0x9e37_79b9_7f4a_7c15);
     let mut z = stack.next_id;
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);

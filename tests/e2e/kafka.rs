@@ -724,6 +724,7 @@ mod hand_built {
             span_id: id,
             parent_span_id: parent,
             caller_span_id: None,
+            http: None,
             fn_id,
             pid: 1,
             tid: 2,

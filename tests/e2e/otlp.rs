@@ -674,6 +674,7 @@ fn error_traces_always_go_out_with_their_exception() {
             span_id: id,
             parent_span_id: parent,
             caller_span_id: None,
+            http: None,
             fn_id,
             pid: 40,
             tid: 41,

@@ -38,7 +38,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use omegi_common::{end_reason, span_flags, ErrorEvent, SpanEvent, ThreadExitEvent};
+use omegi_common::{end_reason, span_flags, ErrorEvent, HttpEvent, SpanEvent, ThreadExitEvent};
+
+use crate::http::{HttpSpan, Messages, Side, TraceParent};
 
 pub use errors::{ErrorInfo, ErrorKind, FlowStep, Outcome, StackFrame};
 use errors::{ThreadError, Transition};
@@ -70,6 +72,10 @@ pub enum SpanEnd {
     ThreadExit,
     /// Still running when omegi detached.
     Unfinished,
+    /// An HTTP client call whose connection closed before its response.
+    ConnectionClosed,
+    /// An HTTP request the server gave up before answering it.
+    NotAnswered,
 }
 
 impl SpanEnd {
@@ -80,6 +86,8 @@ impl SpanEnd {
             end_reason::REPLACED => Self::Replaced,
             end_reason::UNWOUND => Self::Unwound,
             end_reason::THREAD_EXIT => Self::ThreadExit,
+            end_reason::CONNECTION_CLOSED => Self::ConnectionClosed,
+            end_reason::NOT_ANSWERED => Self::NotAnswered,
             _ => Self::Unfinished,
         }
     }
@@ -93,6 +101,8 @@ impl SpanEnd {
             Self::Unwound => "unwound",
             Self::ThreadExit => "thread_exit",
             Self::Unfinished => "unfinished",
+            Self::ConnectionClosed => "connection_closed",
+            Self::NotAnswered => "not_answered",
         }
     }
 }
@@ -124,11 +134,35 @@ pub struct Span {
     pub end_unix_ns: u64,
     pub end: SpanEnd,
     pub status: Status,
+    /// For an HTTP request (then `fn_id` is `omegi_common::NO_FUNCTION`).
+    pub http: Option<Box<HttpSpan>>,
 }
 
 impl Span {
     pub fn duration_ns(&self) -> u64 {
         self.end_unix_ns.saturating_sub(self.start_unix_ns)
+    }
+
+    /// The parent exporters name: the traced parent, or for a server span
+    /// that continues a caller's trace, the caller's span (in another
+    /// service); 0 for a root.
+    pub fn exported_parent_span_id(&self) -> u64 {
+        if self.parent_span_id != 0 {
+            return self.parent_span_id;
+        }
+        self.remote_parent().map_or(0, |parent| parent.parent_id)
+    }
+
+    /// The caller's context a server span continues.
+    pub fn remote_parent(&self) -> Option<TraceParent> {
+        self.http.as_ref()?.remote_parent()
+    }
+
+    /// OpenTelemetry's span kind name.
+    pub fn kind_name(&self) -> &'static str {
+        self.http
+            .as_ref()
+            .map_or("INTERNAL", |http| http.kind_name())
     }
 }
 
@@ -237,6 +271,10 @@ pub struct Assembler {
     /// The type and message of the last exception caught on each thread, for
     /// a `throw;` in its handler.
     last_exception: HashMap<u32, (String, String)>,
+    /// The bytes of HTTP requests in flight.
+    http: Messages,
+    /// The caller's context of each trace (by key) that continues one.
+    remote: HashMap<u64, TraceParent>,
 }
 
 impl Assembler {
@@ -258,7 +296,30 @@ impl Assembler {
             trace_errors: HashMap::new(),
             parked: Vec::new(),
             last_exception: HashMap::new(),
+            http: Messages::default(),
+            remote: HashMap::new(),
         }
+    }
+
+    /// Counts HTTP problems into `stats` (the agent's summary).
+    pub fn with_http_stats(mut self, stats: Arc<crate::http::HttpStats>) -> Self {
+        self.http = Messages::new(stats);
+        self
+    }
+
+    /// Takes bytes of an HTTP message.
+    pub fn on_http(&mut self, event: &HttpEvent) {
+        if let Some(parent) = self.http.on_event(event) {
+            // A server span's id is its trace's key.
+            self.remote.insert(event.span_id, parent);
+        }
+    }
+
+    /// The id of a new trace: its caller's, when it continues one.
+    fn trace_id_for(&self, trace_key: u64) -> u128 {
+        self.remote
+            .get(&trace_key)
+            .map_or_else(new_trace_id, |parent| parent.trace_id)
     }
 
     /// Takes one ended call; returns the traces (or pieces) that are ready.
@@ -276,7 +337,22 @@ impl Assembler {
             end_unix_ns: self.clock.to_unix_ns(event.end_ns),
             end: SpanEnd::from_kernel(event.end_reason),
             status: Status::Unset,
+            http: None,
         };
+        if event.flags & (span_flags::HTTP_SERVER | span_flags::HTTP_CLIENT) != 0 {
+            let side = if event.flags & span_flags::HTTP_SERVER != 0 {
+                Side::Server
+            } else {
+                Side::Client
+            };
+            let http = self.http.take(event.span_id, side);
+            if let Some(status) = http.status.filter(|_| http.is_error_status()) {
+                span.status = Status::Error(format!("HTTP {status}"));
+            } else if span.end == SpanEnd::ConnectionClosed {
+                span.status = Status::Error("the connection closed before a response".into());
+            }
+            span.http = Some(Box::new(http));
+        }
 
         if let Some(error) = (!self.thread_errors.is_empty())
             .then(|| self.thread_errors.get_mut(&event.tid))
@@ -372,8 +448,9 @@ impl Assembler {
                     pending.spans.push(span);
                     (pending.trace_id, pending.spans)
                 }
-                None => (new_trace_id(), vec![span]),
+                None => (self.trace_id_for(trace_key), vec![span]),
             };
+            self.remote.remove(&trace_key);
             let trace = self.finish(trace_key, trace_id, spans, true);
             let error_in_flight = !self.thread_errors.is_empty()
                 && self
@@ -387,11 +464,16 @@ impl Assembler {
             return Some(trace);
         }
         let now = Instant::now();
+        let trace_id = if self.pending.contains_key(&trace_key) {
+            0
+        } else {
+            self.trace_id_for(trace_key)
+        };
         let pending = self
             .pending
             .entry(trace_key)
             .or_insert_with(|| PendingTrace {
-                trace_id: new_trace_id(),
+                trace_id,
                 spans: Vec::new(),
                 last_activity: now,
                 error_since: None,

@@ -73,8 +73,8 @@ pub enum BtfError {
     Missing(io::Error),
     #[error("the kernel's BTF ({VMLINUX_BTF}) cannot be read: {0}")]
     Unreadable(String),
-    #[error("the kernel's BTF has no {0}")]
-    NoField(&'static str),
+    #[error("the kernel's BTF has no {0}.{1}")]
+    NoField(&'static str, &'static str),
 }
 
 /// Reads the [`TaskOffsets`] from the running kernel's BTF.
@@ -85,19 +85,61 @@ pub fn task_offsets() -> Result<TaskOffsets, BtfError> {
 
 /// [`task_offsets`] from BTF bytes.
 pub fn task_offsets_in(btf: &[u8]) -> Result<TaskOffsets, BtfError> {
+    let offset = btf_offsets(btf)?;
+    Ok(TaskOffsets {
+        task_mm: offset("task_struct", "mm")?,
+        mm_start_code: offset("mm_struct", "start_code")?,
+    })
+}
+
+/// Reads the [`SocketOffsets`](omegi_common::SocketOffsets) (HTTP on
+/// sockets) from the running kernel's BTF.
+pub fn socket_offsets() -> Result<omegi_common::SocketOffsets, BtfError> {
+    let bytes = std::fs::read(VMLINUX_BTF).map_err(BtfError::Missing)?;
+    socket_offsets_in(&bytes)
+}
+
+/// [`socket_offsets`] from BTF bytes.
+pub fn socket_offsets_in(btf: &[u8]) -> Result<omegi_common::SocketOffsets, BtfError> {
+    let offset = btf_offsets(btf)?;
+    let sock = |field: &'static str| offset("sock", field);
+    Ok(omegi_common::SocketOffsets {
+        task_files: offset("task_struct", "files")?,
+        files_fdt: offset("files_struct", "fdt")?,
+        fdtable_fd: offset("fdtable", "fd")?,
+        file_private_data: offset("file", "private_data")?,
+        file_inode: offset("file", "f_inode")?,
+        inode_mode: offset("inode", "i_mode")?,
+        socket_type: offset("socket", "type")?,
+        socket_sk: offset("socket", "sk")?,
+        sk_daddr: sock("__sk_common.skc_daddr")?,
+        sk_rcv_saddr: sock("__sk_common.skc_rcv_saddr")?,
+        sk_dport: sock("__sk_common.skc_dport")?,
+        sk_num: sock("__sk_common.skc_num")?,
+        sk_family: sock("__sk_common.skc_family")?,
+        sk_v6_daddr: sock("__sk_common.skc_v6_daddr")?,
+        sk_v6_rcv_saddr: sock("__sk_common.skc_v6_rcv_saddr")?,
+        _pad: 0,
+    })
+}
+
+/// A lookup of `structure.field` byte offsets (a field path may go through
+/// nested and anonymous members) in BTF bytes.
+fn btf_offsets(
+    btf: &[u8],
+) -> Result<impl Fn(&'static str, &'static str) -> Result<u32, BtfError>, BtfError> {
     let types = btfparse::TypeInformation::new(&BtfBytes(btf))
         .map_err(|error| BtfError::Unreadable(format!("{error:?}")))?;
-    let offset = |structure: &str, field: &'static str, what: &'static str| {
-        let id = types.id_of(structure).ok_or(BtfError::NoField(what))?;
-        match types.offset_of(id, field) {
-            Ok((_, btfparse::Offset::ByteOffset(offset))) => Ok(offset),
-            _ => Err(BtfError::NoField(what)),
-        }
-    };
-    Ok(TaskOffsets {
-        task_mm: offset("task_struct", "mm", "task_struct.mm")?,
-        mm_start_code: offset("mm_struct", "start_code", "mm_struct.start_code")?,
-    })
+    Ok(
+        move |structure: &'static str, field: &'static str| -> Result<u32, BtfError> {
+            let missing = || BtfError::NoField(structure, field);
+            let id = types.id_of(structure).ok_or_else(missing)?;
+            match types.offset_of(id, field) {
+                Ok((_, btfparse::Offset::ByteOffset(offset))) => Ok(offset),
+                _ => Err(missing()),
+            }
+        },
+    )
 }
 
 /// BTF bytes in memory, as btfparse reads them.
@@ -244,5 +286,20 @@ mod tests {
             task_offsets_in(b"not btf"),
             Err(BtfError::Unreadable(_))
         ));
+    }
+
+    #[test]
+    fn socket_offsets_come_from_this_kernels_btf() {
+        let bytes = std::fs::read(VMLINUX_BTF).expect("this kernel publishes its BTF");
+        let offsets = socket_offsets_in(&bytes).expect("this kernel's BTF has every field");
+        // struct sock starts with its sock_common: the IPv4 addresses first,
+        // then the ports, then the family, then the IPv6 addresses.
+        assert_eq!(offsets.sk_daddr, 0, "{offsets:?}");
+        assert_eq!(offsets.sk_rcv_saddr, 4, "{offsets:?}");
+        assert!(offsets.sk_dport < offsets.sk_num, "{offsets:?}");
+        assert!(offsets.sk_family > offsets.sk_num, "{offsets:?}");
+        assert!(offsets.sk_v6_daddr > offsets.sk_family, "{offsets:?}");
+        assert!(offsets.task_files > 64, "{offsets:?}");
+        assert!(offsets.socket_sk > offsets.socket_type, "{offsets:?}");
     }
 }

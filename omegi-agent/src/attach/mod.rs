@@ -8,6 +8,7 @@
 
 pub mod features;
 pub mod functions;
+pub mod http;
 pub mod multi;
 pub mod refusal;
 pub mod system;
@@ -196,6 +197,8 @@ pub struct KernelOptions {
     pub ring_size: u32,
     /// Turn on aya-log output from the programs.
     pub debug_ebpf: bool,
+    /// Follow HTTP/1.x on traced processes' TCP sockets (`--propagation`).
+    pub http: bool,
 }
 
 /// The maps the agent reads while tracing.
@@ -455,6 +458,19 @@ impl Probes {
         let budget_short_ns = u64::try_from(options.budget_short.as_nanos()).unwrap_or(u64::MAX);
         let all_processes = u8::from(options.all_processes);
         let log_level: u8 = if options.debug_ebpf { 0xff } else { 0 };
+        let socket_offsets = if options.http {
+            match features::socket_offsets() {
+                Ok(offsets) => Some(offsets),
+                Err(error) => {
+                    tracing::warn!("HTTP spans are off: {error}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let http_enabled = u8::from(socket_offsets.is_some());
+        let socket_offsets = socket_offsets.unwrap_or_default();
         let mut ebpf = EbpfLoader::new()
             .override_global(globals::SPLIT_AFTER_NS, &split_after_ns, true)
             .override_global(globals::ALL_PROCESSES, &all_processes, true)
@@ -474,6 +490,8 @@ impl Probes {
             )
             .override_global(globals::EXEC_START, &table.exec_start, true)
             .override_global(globals::GO_GOID_OFFSET, &goid_offset, true)
+            .override_global(globals::HTTP_ENABLED, &http_enabled, true)
+            .override_global(globals::SOCKET_OFFSETS, &socket_offsets, true)
             .map_max_entries(names::MAP_GOROUTINES, goroutine_stacks)
             .override_global("AYA_LOG_LEVEL", &log_level, false)
             .map_max_entries(names::MAP_EVENTS, options.ring_size)
@@ -503,6 +521,10 @@ impl Probes {
                     name: program,
                     source,
                 })?;
+        }
+
+        if http_enabled != 0 {
+            http::attach(&mut ebpf)?;
         }
 
         // The function probes, for uprobe_multi links, while every map is

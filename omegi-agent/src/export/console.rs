@@ -148,6 +148,12 @@ pub fn render_tree(trace: &Trace, context: &ExportContext, colors: Colors) -> St
             "  (partial: the rest follows)"
         },
     ));
+    if let Some(parent) = trace.spans.iter().find_map(Span::remote_parent) {
+        out.push_str(&format!(
+            "  continues the caller's span {} (traceparent)\n",
+            json::span_id_hex(parent.parent_id)
+        ));
+    }
 
     let ids: HashSet<u64> = trace.spans.iter().map(|span| span.span_id).collect();
     let mut children: HashMap<u64, Vec<&Span>> = HashMap::new();
@@ -221,7 +227,18 @@ fn render_span(
     last: bool,
 ) {
     let function = context.functions.get(span.fn_id);
-    let name = function.map_or("?", |f| f.name.as_str());
+    let name = match &span.http {
+        // `SERVER GET /orders  200`: the request and its answer.
+        Some(http) => format!(
+            "{} {}{}",
+            http.kind_name(),
+            http.name(),
+            http.status
+                .map(|status| format!("  {status}"))
+                .unwrap_or_default()
+        ),
+        None => function.map_or_else(|| "?".to_owned(), |f| f.name.clone()),
+    };
     let location = function
         .and_then(|f| {
             let file = f.file.as_ref()?;
@@ -313,6 +330,7 @@ mod tests {
             span_id: id,
             parent_span_id: parent,
             caller_span_id: None,
+            http: None,
             fn_id,
             pid: 7,
             tid: 8,

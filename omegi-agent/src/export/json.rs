@@ -4,7 +4,10 @@
 use serde_json::{json, Map, Value};
 
 use super::{errors, ExportContext};
-use crate::assembly::{ErrorInfo, Span, Status, Trace};
+use crate::{
+    assembly::{ErrorInfo, Span, Status, Trace},
+    http::{AttributeValue, HttpSpan},
+};
 
 /// Lowercase hex of a 128-bit trace id (32 characters).
 pub fn trace_id_hex(id: u128) -> String {
@@ -16,10 +19,43 @@ pub fn span_id_hex(id: u64) -> String {
     format!("{id:016x}")
 }
 
+/// A span's name: its function's, or `METHOD /path` for an HTTP request.
+pub fn span_name(span: &Span, context: &ExportContext) -> String {
+    match &span.http {
+        Some(http) => http.name(),
+        None => context
+            .functions
+            .get(span.fn_id)
+            .map_or_else(|| "?".to_owned(), |f| f.name.clone()),
+    }
+}
+
+fn attribute_json(value: AttributeValue) -> Value {
+    match value {
+        AttributeValue::Text(text) => text.into(),
+        AttributeValue::Int(number) => number.into(),
+    }
+}
+
+/// The `"name":…` field and the attributes (each followed by a comma) of an
+/// HTTP span, for [`SpanWriter`].
+fn http_parts_json(http: &HttpSpan) -> (String, String) {
+    let mut attributes = String::new();
+    for (key, value) in http.attributes() {
+        attributes.push_str(&format!("{}:{},", json!(key), attribute_json(value)));
+    }
+    (format!("\"name\":{}", json!(http.name())), attributes)
+}
+
 /// The JSON form of one span of `trace`.
 pub fn span_json(trace: &Trace, span: &Span, context: &ExportContext) -> Value {
     let function = context.functions.get(span.fn_id);
     let mut attributes = Map::new();
+    if let Some(http) = &span.http {
+        for (key, value) in http.attributes() {
+            attributes.insert(key.into(), attribute_json(value));
+        }
+    }
     if let Some(function) = function {
         attributes.insert("code.function".into(), function.name.clone().into());
         if let Some(file) = &function.file {
@@ -44,11 +80,11 @@ pub fn span_json(trace: &Trace, span: &Span, context: &ExportContext) -> Value {
         Status::Error(message) => json!({"code": "ERROR", "message": message}),
     };
     let mut value = json!({
-        "name": function.map_or("?", |f| f.name.as_str()),
+        "name": span_name(span, context),
         "trace_id": trace_id_hex(trace.trace_id),
         "span_id": span_id_hex(span.span_id),
-        "parent_span_id": span_id_hex(span.parent_span_id),
-        "kind": "INTERNAL",
+        "parent_span_id": span_id_hex(span.exported_parent_span_id()),
+        "kind": span.kind_name(),
         "start_time_unix_nano": span.start_unix_ns,
         "end_time_unix_nano": span.end_unix_ns,
         "status": status,
@@ -95,7 +131,14 @@ impl SpanWriter {
 
     /// Appends the JSON line (with its newline) of `span` of `trace` to `out`.
     pub fn write(&mut self, out: &mut Vec<u8>, trace: &Trace, span: &Span) {
-        let (name, code) = self.function_parts(span.fn_id);
+        let http_parts;
+        let (name, code) = match &span.http {
+            Some(http) => {
+                http_parts = http_parts_json(http);
+                (http_parts.0.as_str(), http_parts.1.as_str())
+            }
+            None => self.function_parts(span.fn_id),
+        };
         out.extend_from_slice(b"{");
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b",\"trace_id\":\"");
@@ -103,8 +146,10 @@ impl SpanWriter {
         out.extend_from_slice(b"\",\"span_id\":\"");
         push_hex(out, u128::from(span.span_id), 16);
         out.extend_from_slice(b"\",\"parent_span_id\":\"");
-        push_hex(out, u128::from(span.parent_span_id), 16);
-        out.extend_from_slice(b"\",\"kind\":\"INTERNAL\",\"start_time_unix_nano\":");
+        push_hex(out, u128::from(span.exported_parent_span_id()), 16);
+        out.extend_from_slice(b"\",\"kind\":\"");
+        out.extend_from_slice(span.kind_name().as_bytes());
+        out.extend_from_slice(b"\",\"start_time_unix_nano\":");
         push_decimal(out, span.start_unix_ns);
         out.extend_from_slice(b",\"end_time_unix_nano\":");
         push_decimal(out, span.end_unix_ns);

@@ -60,6 +60,7 @@ use crate::{
     assembly::{Span, Status, Trace},
     config::otlp::{OtlpOptions, OtlpProtocol},
     export::errors,
+    http::{AttributeValue, Side},
 };
 
 /// Most spans in one request (the SDK's default batch size).
@@ -207,6 +208,27 @@ pub fn span_data(
 ) -> SpanData {
     let function = context.functions.get(span.fn_id);
     let mut attributes = Vec::with_capacity(8);
+    let mut trace_state = TraceState::NONE;
+    let mut span_kind = SpanKind::Internal;
+    if let Some(http) = &span.http {
+        span_kind = match http.side {
+            Side::Server => SpanKind::Server,
+            Side::Client => SpanKind::Client,
+        };
+        for (key, value) in http.attributes() {
+            if key == "w3c.tracestate" {
+                // The caller's vendors' state goes on as the W3C field.
+                if let AttributeValue::Text(text) = &value {
+                    trace_state = text.parse().unwrap_or(TraceState::NONE);
+                }
+                continue;
+            }
+            attributes.push(match value {
+                AttributeValue::Text(text) => KeyValue::new(key, text),
+                AttributeValue::Int(number) => KeyValue::new(key, number),
+            });
+        }
+    }
     if let Some(function) = function {
         attributes.push(KeyValue::new("code.function", function.name.clone()));
         if let Some(file) = &function.file {
@@ -249,12 +271,12 @@ pub fn span_data(
             SpanId::from(span.span_id),
             TraceFlags::SAMPLED,
             false,
-            TraceState::NONE,
+            trace_state,
         ),
-        parent_span_id: SpanId::from(span.parent_span_id),
-        parent_span_is_remote: false,
-        span_kind: SpanKind::Internal,
-        name: Cow::Owned(function.map_or_else(|| "?".to_owned(), |f| f.name.clone())),
+        parent_span_id: SpanId::from(span.exported_parent_span_id()),
+        parent_span_is_remote: span.remote_parent().is_some(),
+        span_kind,
+        name: Cow::Owned(json::span_name(span, context)),
         start_time: unix_time(span.start_unix_ns),
         end_time: unix_time(span.end_unix_ns),
         attributes,
@@ -683,6 +705,7 @@ mod tests {
             span_id: id,
             parent_span_id: parent,
             caller_span_id: None,
+            http: None,
             fn_id,
             pid: 7,
             tid: 8,

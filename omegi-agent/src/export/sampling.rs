@@ -41,6 +41,7 @@ mod tests {
                 span_id: 1,
                 parent_span_id: 0,
                 caller_span_id: None,
+                http: None,
                 fn_id: 0,
                 pid: 1,
                 tid: 1,

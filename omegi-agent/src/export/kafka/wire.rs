@@ -15,6 +15,7 @@ use crate::{
     assembly::{ErrorInfo, Outcome, Span, Status, Trace},
     discovery::FunctionTable,
     export::{errors, json::span_id_hex, json::trace_id_hex, ExportContext},
+    http::{AttributeValue, Side},
 };
 
 /// The `tracer` field: which instrumentation sent the message (the Python
@@ -55,10 +56,17 @@ pub struct TraceError {
     pub flow: Vec<String>,
     /// `exception.stacktrace`.
     pub stacktrace: String,
+    /// The error came from another service (an outgoing HTTP call failed
+    /// and this service's own code raised nothing): the object is `{}`, as
+    /// the format asks, and the server indexes the spans only.
+    pub from_another_service: bool,
 }
 
 impl TraceError {
     pub fn to_json(&self) -> Value {
+        if self.from_another_service {
+            return json!({});
+        }
         let flow: Map<String, Value> = self
             .flow
             .iter()
@@ -106,6 +114,7 @@ pub fn trace_error(trace: &Trace, functions: &FunctionTable) -> Option<TraceErro
             message: error.message.clone(),
             flow: errors::flow(error, functions),
             stacktrace,
+            from_another_service: false,
         });
     }
     let origin = trace
@@ -130,11 +139,16 @@ pub fn trace_error(trace: &Trace, functions: &FunctionTable) -> Option<TraceErro
             stacktrace.push_str(&format!(" ({location})"));
         }
     }
+    let from_another_service = origin
+        .http
+        .as_ref()
+        .is_some_and(|http| http.side == Side::Client);
     Some(TraceError {
         exception_type,
         message,
         flow,
         stacktrace,
+        from_another_service,
     })
 }
 
@@ -192,6 +206,9 @@ fn ancestors<'t>(trace: &'t Trace, span: &'t Span) -> Vec<&'t Span> {
 }
 
 fn span_name(span: &Span, functions: &FunctionTable) -> String {
+    if let Some(http) = &span.http {
+        return http.name();
+    }
     functions
         .get(span.fn_id)
         .map_or_else(|| format!("fn#{}", span.fn_id), |f| f.name.clone())
@@ -238,6 +255,7 @@ pub fn wire_span(trace: &Trace, span: &Span, context: &ExportContext) -> Value {
         attributes.insert(key.to_owned(), Value::String(value));
     };
     let (module, short) = match split_qualified(&full_name) {
+        _ if span.http.is_some() => ("http".to_owned(), full_name.clone()),
         Some((module, short)) => (module.to_owned(), short.to_owned()),
         None => {
             let module = function
@@ -263,7 +281,19 @@ pub fn wire_span(trace: &Trace, span: &Span, context: &ExportContext) -> Value {
     put("name", short);
     put("thread.id", span.tid.to_string());
     put("process.pid", span.pid.to_string());
-    put("code.function", full_name.clone());
+    if let Some(http) = &span.http {
+        for (key, value) in http.attributes() {
+            put(
+                key,
+                match value {
+                    AttributeValue::Text(text) => text,
+                    AttributeValue::Int(number) => number.to_string(),
+                },
+            );
+        }
+    } else {
+        put("code.function", full_name.clone());
+    }
     if let Some(function) = function {
         if let Some(file) = &function.file {
             put("code.filepath", file.display().to_string());
@@ -290,8 +320,8 @@ pub fn wire_span(trace: &Trace, span: &Span, context: &ExportContext) -> Value {
     json!({
         "name": full_name,
         "spanId": span_id_hex(span.span_id),
-        "parentSpanId": span_id_hex(span.parent_span_id),
-        "kind": "INTERNAL",
+        "parentSpanId": span_id_hex(span.exported_parent_span_id()),
+        "kind": span.kind_name(),
         "spanEnterTime": format_time(span.start_unix_ns),
         "spanExitTime": format_time(span.end_unix_ns),
         "attributes": attributes,
@@ -371,7 +401,7 @@ pub fn flow_message(trace: &Trace, sender: &Sender) -> Option<Vec<u8>> {
     message.insert("spanId".into(), span_id_hex(root.span_id).into());
     message.insert(
         "parentSpanId".into(),
-        span_id_hex(root.parent_span_id).into(),
+        span_id_hex(root.exported_parent_span_id()).into(),
     );
     message.insert(
         "spanEnterTime".into(),
@@ -412,6 +442,7 @@ mod tests {
             span_id: id,
             parent_span_id: parent,
             caller_span_id: None,
+            http: None,
             fn_id,
             pid: 70,
             tid: 71,
