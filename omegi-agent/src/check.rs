@@ -93,6 +93,13 @@ pub fn run() -> bool {
                 "tracepoints",
                 "fork, exit, fatal signals and exit_group attached".into(),
             );
+            report.note(
+                "HTTP spans",
+                match probes.http() {
+                    Ok(()) => "syscall tracepoints attached, sockets found through BTF".into(),
+                    Err(why) => format!("no: {why}"),
+                },
+            );
             let errors: Vec<(&str, _)> = probes.verify_error_programs();
             let refused: Vec<String> = errors
                 .iter()

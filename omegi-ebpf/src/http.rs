@@ -29,7 +29,7 @@ use aya_ebpf::{
         bpf_probe_read_user, generated,
     },
     macros::{map, tracepoint},
-    maps::HashMap,
+    maps::LruHashMap,
     programs::TracePointContext,
     Global,
 };
@@ -78,8 +78,10 @@ struct PendingIo {
     size: u64,
 }
 
+/// By thread. Least recently used first out: a thread killed in a syscall
+/// never reaches its exit tracepoint, and its entry must not stay for good.
 #[map]
-static PENDING_IO: HashMap<u32, PendingIo> = HashMap::with_max_entries(4096, 0);
+static PENDING_IO: LruHashMap<u32, PendingIo> = LruHashMap::with_max_entries(4096, 0);
 
 const ROLE_SERVER: u32 = 1;
 const ROLE_CLIENT: u32 = 2;
@@ -112,10 +114,10 @@ struct Connection {
     peer: Endpoint,
 }
 
-/// Learnt HTTP connections; removed at `close`. A connection beyond the
-/// table is counted (`CONNECTIONS_FULL`) and not followed.
+/// Learnt HTTP connections; removed at `close`. Least recently used first
+/// out: a process that exits closes its sockets without a `close` call.
 #[map]
-static CONNECTIONS: HashMap<u64, Connection> = HashMap::with_max_entries(8192, 0);
+static CONNECTIONS: LruHashMap<u64, Connection> = LruHashMap::with_max_entries(8192, 0);
 
 // Syscall tracepoint records: 8 bytes of common fields, the syscall number,
 // then each argument (enter) or the return value (exit) as 8 bytes.

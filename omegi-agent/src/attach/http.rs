@@ -20,20 +20,34 @@ const ENTERS: &[(&str, &str)] = &[
     (names::PROG_IO_SENDMSG, "sendmsg"),
 ];
 
-/// Loads and attaches the programs. They do nothing until the agent sets
-/// `HTTP_ENABLED` (at load, see `Probes::load`).
+const PROGRAMS: [&str; 8] = [
+    names::PROG_IO_READ,
+    names::PROG_IO_WRITE,
+    names::PROG_IO_READV,
+    names::PROG_IO_WRITEV,
+    names::PROG_IO_RECVMSG,
+    names::PROG_IO_SENDMSG,
+    names::PROG_IO_EXIT,
+    names::PROG_IO_CLOSE,
+];
+
+/// Loads and attaches the programs (they do nothing unless the agent set
+/// `HTTP_ENABLED` at load). On failure none stays attached: half of them
+/// (reads seen, closes not) would follow connections wrongly.
 pub fn attach(ebpf: &mut Ebpf) -> Result<(), AttachError> {
-    let programs = [
-        names::PROG_IO_READ,
-        names::PROG_IO_WRITE,
-        names::PROG_IO_READV,
-        names::PROG_IO_WRITEV,
-        names::PROG_IO_RECVMSG,
-        names::PROG_IO_SENDMSG,
-        names::PROG_IO_EXIT,
-        names::PROG_IO_CLOSE,
-    ];
-    for program in programs {
+    let result = attach_all(ebpf);
+    if result.is_err() {
+        for program in PROGRAMS {
+            if let Ok(tracepoint) = program_mut::<TracePoint>(ebpf, program) {
+                let _ = tracepoint.unload();
+            }
+        }
+    }
+    result
+}
+
+fn attach_all(ebpf: &mut Ebpf) -> Result<(), AttachError> {
+    for program in PROGRAMS {
         let tracepoint: &mut TracePoint = program_mut(ebpf, program)?;
         tracepoint
             .load()

@@ -344,6 +344,8 @@ pub struct Probes {
     /// What each attached function's probes are, to link them again.
     attached: Vec<FunctionProbes>,
     links: FunctionLinks,
+    /// Whether HTTP spans are on, or why not.
+    http: Result<(), String>,
 }
 
 /// The programs of function probes (entry, exit, uretprobe) for links of one
@@ -458,16 +460,20 @@ impl Probes {
         let budget_short_ns = u64::try_from(options.budget_short.as_nanos()).unwrap_or(u64::MAX);
         let all_processes = u8::from(options.all_processes);
         let log_level: u8 = if options.debug_ebpf { 0xff } else { 0 };
-        let socket_offsets = if options.http {
-            match features::socket_offsets() {
+        let mut http = if options.http {
+            Ok(())
+        } else {
+            Err("off (--propagation off)".to_owned())
+        };
+        let socket_offsets = match http {
+            Ok(()) => match features::socket_offsets() {
                 Ok(offsets) => Some(offsets),
                 Err(error) => {
-                    tracing::warn!("HTTP spans are off: {error}");
+                    http = Err(error.to_string());
                     None
                 }
-            }
-        } else {
-            None
+            },
+            Err(_) => None,
         };
         let http_enabled = u8::from(socket_offsets.is_some());
         let socket_offsets = socket_offsets.unwrap_or_default();
@@ -523,8 +529,17 @@ impl Probes {
                 })?;
         }
 
-        if http_enabled != 0 {
-            http::attach(&mut ebpf)?;
+        // HTTP spans are a part omegi can trace without: a kernel that
+        // refuses them gets function spans only, and a line saying why.
+        if http.is_ok() {
+            if let Err(error) = http::attach(&mut ebpf) {
+                http = Err(error.to_string());
+            }
+        }
+        if let Err(why) = &http {
+            if options.http {
+                tracing::warn!("no HTTP spans: {why}");
+            }
         }
 
         // The function probes, for uprobe_multi links, while every map is
@@ -597,10 +612,16 @@ impl Probes {
                 _functions_map: functions_map,
                 attached: Vec::new(),
                 links: FunctionLinks::None,
+                http,
             },
             maps,
             counters,
         ))
+    }
+
+    /// Whether HTTP spans are on, or why not.
+    pub fn http(&self) -> Result<(), &str> {
+        self.http.as_ref().map(|_| ()).map_err(String::as_str)
     }
 
     /// What the kernel offers, as found at load.
