@@ -6,10 +6,7 @@ use std::{ffi::OsString, path::PathBuf};
 
 use clap::{ArgGroup, Parser, ValueEnum};
 
-use crate::{
-    attach::{AttachMode, ProbeLookup, ReturnProbes},
-    http::Propagation,
-};
+use crate::attach::{AttachMode, ProbeLookup, ReturnProbes};
 
 const EXAMPLES: &str = "\
 Examples:
@@ -210,11 +207,10 @@ pub struct Cli {
     #[arg(
         long,
         env = "OMEGI_PROPAGATION",
-        value_enum,
         default_value = "read",
-        value_name = "MODE"
+        value_name = "read|off"
     )]
-    pub propagation: Propagation,
+    pub propagation: String,
 
     /// Show the eBPF programs' own diagnostics.
     #[arg(long)]

@@ -10,6 +10,7 @@ use crate::{
     budget::Budget,
     cli::{Cli, ConsoleFormat},
     discovery::Selection,
+    http::Propagation,
     export::kafka::options::KafkaOptions,
 };
 
@@ -126,7 +127,7 @@ impl Config {
             thread_slots: parse_thread_slots(cli.thread_slots)?,
             attach_mode: cli.attach_mode,
             probe_lookup: cli.probe_lookup,
-            http: cli.propagation != crate::http::Propagation::Off,
+            http: parse_propagation(&cli.propagation)? != Propagation::Off,
         };
         Ok(Self {
             target,
@@ -306,6 +307,24 @@ pub fn parse_exporters(value: &str) -> Result<Vec<ExporterKind>, ConfigError> {
     Ok(kinds)
 }
 
+/// `OMEGI_PROPAGATION`: `read` or `off`.
+pub fn parse_propagation(value: &str) -> Result<Propagation, ConfigError> {
+    match value.trim() {
+        "read" => Ok(Propagation::Read),
+        "off" => Ok(Propagation::Off),
+        other => Err(ConfigError {
+            name: "OMEGI_PROPAGATION (--propagation)",
+            value: value.into(),
+            expected: if other == "inject" {
+                "read or off (injecting traceparent into outgoing requests is not supported yet)"
+                    .into()
+            } else {
+                "read (HTTP spans, incoming traceparent followed) or off".into()
+            },
+        }),
+    }
+}
+
 /// `OMEGI_FLOW_RATE`: an integer ≥ 1.
 pub fn parse_flow_rate(value: &str) -> Result<u32, ConfigError> {
     match value.trim().parse::<u32>() {
@@ -384,6 +403,16 @@ fn positive(name: &'static str, value: usize) -> Result<usize, ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn propagation() {
+        assert_eq!(parse_propagation("read").unwrap(), Propagation::Read);
+        assert_eq!(parse_propagation(" off").unwrap(), Propagation::Off);
+        for bad in ["inject", "on", ""] {
+            let error = parse_propagation(bad).unwrap_err().to_string();
+            assert!(error.contains("OMEGI_PROPAGATION"), "{error}");
+        }
+    }
 
     #[test]
     fn flow_rate() {

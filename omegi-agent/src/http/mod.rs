@@ -17,13 +17,12 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
-use clap::ValueEnum;
 use omegi_common::{http_part, Endpoint, HttpEvent, HTTP_MAX_COPY};
 
 pub use parse::{RequestHead, TraceParent};
 
 /// What omegi does with HTTP (`--propagation`, `OMEGI_PROPAGATION`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Propagation {
     /// HTTP/1.x SERVER and CLIENT spans; an incoming `traceparent` makes the
     /// server's trace continue the caller's.
