@@ -31,6 +31,7 @@ mod attach;
 mod bpf_time;
 mod budget;
 mod exceptions;
+mod http;
 mod instructions;
 mod per_call;
 mod rates;
@@ -97,6 +98,8 @@ pub fn bench(options: &Options) -> Result<()> {
     report.min_duration = bench.min_duration()?;
     println!("\n== overhead budget");
     report.budget = bench.budget()?;
+    println!("\n== HTTP server throughput under wrk");
+    report.http = bench.http()?;
     println!("\n== attach and detach time");
     report.attach = bench.attach_times()?;
     println!("\n== assembly and export throughput (one core)");
@@ -185,6 +188,11 @@ impl Bench {
             .arg(source("nested.cpp"))
             .arg("-o")
             .arg(out("nested")))?;
+        run(Command::new("gcc")
+            .args(["-O2", "-g", "-pthread"])
+            .arg(root().join("tests/fixtures/c/http_server.c"))
+            .arg("-o")
+            .arg(out("http_server")))?;
         run(Command::new("rustc")
             .args(["--edition", "2021", "-g", "-C", "opt-level=2"])
             .args(["-C", "force-frame-pointers=yes", "-o"])

@@ -11,6 +11,7 @@ use super::{
     attach::{self, AttachRow},
     bpf_time::{self, BpfTime},
     budget::{self, BudgetRow},
+    http::{self, HttpRow},
     exceptions::{self, ExceptionCheck},
     instructions::{self, InstructionCost},
     per_call::{self, PerCall},
@@ -31,6 +32,7 @@ pub(super) struct Report {
     pub(super) drain: Vec<RateRow>,
     pub(super) min_duration: Vec<RateRow>,
     pub(super) budget: Vec<BudgetRow>,
+    pub(super) http: Vec<HttpRow>,
     pub(super) attach: Vec<AttachRow>,
     pub(super) assembly: Vec<AssemblyRow>,
     pub(super) took: Duration,
@@ -172,6 +174,7 @@ impl Report {
         bpf_time::markdown(&mut md, &self.bpf_time);
         rates::markdown(&mut md, &self.rates, &self.drain, &self.min_duration);
         budget::markdown(&mut md, &self.budget);
+        http::markdown(&mut md, &self.http);
         attach::markdown(&mut md, &self.attach);
         assembly::markdown(&mut md, &self.assembly);
         md.push_str(&self.targets());
