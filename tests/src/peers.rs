@@ -18,6 +18,21 @@
 //! assert!(finished.status.success());
 //! # let _ = spans;
 //! ```
+//!
+//! A server traced by the agent is started the same way, since the agent
+//! writes its spans to a file and leaves stdout to the program:
+//!
+//! ```no_run
+//! # use omegi_tests::{fixtures::{build, Linking}, peers::PeerProcess, run::Agent};
+//! # let agent = Agent::new("omegi-agent");
+//! let spans_file = omegi_tests::scratch_dir("traced-server").join("spans.jsonl");
+//! let mut command = agent.command(&[], &spans_file);
+//! let exe = build("c/http_server.c", Linking::Pie);
+//! command.arg("--").arg(&exe).args(["0", "1"]); // ends after one connection
+//! let server = PeerProcess::start(command);
+//! // ... requests to server.url("/hello") ...
+//! let finished = server.wait();
+//! ```
 
 use std::{
     collections::BTreeMap,
