@@ -446,3 +446,28 @@ fn missing_venv_says_what_to_do() {
     assert!(message.contains("run `cargo xtask setup`"), "{message}");
     assert!(python_otel_in(Path::new("/nonexistent")).is_err());
 }
+
+/// SIGTERM ends both servers cleanly, an idle keep-alive connection open.
+#[test]
+fn sigterm_ends_servers_cleanly() {
+    for file in ["c/http_server.c", "rust/http_server.rs"] {
+        let server = HttpServer::start_fixture(file, Linking::Pie, Profile::Release, None);
+        let mut stream = TcpStream::connect(("127.0.0.1", server.port())).unwrap();
+        stream
+            .write_all(b"GET /kept HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let expected = response("200 OK", "GET /kept\n", "keep-alive");
+        let mut answer = vec![0u8; expected.len()];
+        stream.read_exact(&mut answer).unwrap();
+        assert_eq!(String::from_utf8(answer).unwrap(), expected);
+        let finished = server.terminate();
+        assert!(finished.status.success(), "{file}: {finished:?}");
+        assert!(
+            finished.stderr.contains("http_server: 1 connections"),
+            "{file}: {}",
+            finished.stderr
+        );
+        // The server closed the idle connection.
+        assert_eq!(read_to_close(&mut stream), "");
+    }
+}

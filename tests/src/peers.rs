@@ -484,8 +484,9 @@ pub struct HttpServer;
 
 impl HttpServer {
     /// `exe 0 [CONNECTIONS]`: any free port; ends by itself after
-    /// `connections` connections have closed, else at SIGTERM (the C one
-    /// cleanly; the Rust one dies of it).
+    /// `connections` connections have closed, else at SIGTERM
+    /// ([`PeerProcess::terminate`]), cleanly: open connections are shut
+    /// down, every thread returns, and it exits 0.
     pub fn command(exe: &Path, connections: Option<usize>) -> Command {
         let mut command = Command::new(exe);
         command.arg("0");
