@@ -471,3 +471,42 @@ fn sigterm_ends_servers_cleanly() {
         assert_eq!(read_to_close(&mut stream), "");
     }
 }
+
+/// Two clients at once on both threaded servers: a connection kept open
+/// (one request answered, the next not yet sent) while the C client makes
+/// all its requests on another.
+#[test]
+fn two_clients_at_once_on_threaded_servers() {
+    let client = build_as("c/http_client.c", Linking::Pie, Profile::Debug);
+    for file in ["c/http_server.c", "rust/http_server.rs"] {
+        let server = HttpServer::start_fixture(file, Linking::Pie, Profile::Debug, Some(2));
+        let mut first = TcpStream::connect(("127.0.0.1", server.port())).unwrap();
+        first
+            .write_all(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let expected = response("200 OK", "GET /first\n", "keep-alive");
+        let mut answer = vec![0u8; expected.len()];
+        first.read_exact(&mut answer).unwrap();
+        assert_eq!(String::from_utf8(answer).unwrap(), expected);
+
+        let run = HttpClient::run(
+            &client,
+            server.port(),
+            &["GET /one", "GET /error", "POST /two"],
+            &[],
+        );
+        assert!(run.status.success(), "{file}: {}", run.stderr);
+        assert_eq!(run.codes(), [200, 500, 200], "{file}");
+
+        first
+            .write_all(b"GET /missing HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        assert_eq!(
+            read_to_close(&mut first),
+            response("404 Not Found", "not found GET /missing\n", "close")
+        );
+        let finished = server.wait();
+        assert!(finished.status.success(), "{file}: {}", finished.stderr);
+        assert!(finished.stderr.contains("http_server: 2 connections"));
+    }
+}
