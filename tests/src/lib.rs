@@ -10,10 +10,13 @@
 //! - [`otlp`]: an OTLP collector (gRPC and HTTP/protobuf) that keeps what it
 //!   receives.
 //! - [`kafka`]: a tansu Kafka broker on loopback, and reading topics back.
+//! - [`peers`]: real HTTP peers: the OpenTelemetry Python client, server and
+//!   relay, and the `http_server` / `http_client` fixtures.
 
 pub mod fixtures;
 pub mod kafka;
 pub mod otlp;
+pub mod peers;
 pub mod run;
 pub mod spans;
 

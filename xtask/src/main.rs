@@ -33,7 +33,8 @@ struct Cli {
 #[derive(Subcommand)]
 enum Task {
     /// Install the build and test prerequisites (apt packages, nightly
-    /// rust-src, bpf-linker, the tansu Kafka broker).
+    /// rust-src, bpf-linker, the tansu Kafka broker, the OpenTelemetry
+    /// Python peers).
     Setup {
         /// Also what the VM tasks need (QEMU, virtme-ng, virtiofsd) and the
         /// kernels they boot.
@@ -190,7 +191,8 @@ fn test(args: &[String]) -> Result<()> {
     run(cargo()
         .args(["test", "--workspace"])
         .args(args)
-        .env("OMEGI_TANSU", setup::tansu_binary()))
+        .env("OMEGI_TANSU", setup::tansu_binary())
+        .env("OMEGI_PYTHON_OTEL", setup::python_otel()))
 }
 
 fn demo() -> Result<()> {

@@ -53,6 +53,17 @@ pub fn tansu_binary() -> PathBuf {
     tools_dir().join("tansu/bin/tansu")
 }
 
+/// The virtual environment of the OpenTelemetry Python peers of the HTTP
+/// tests (`tests/fixtures/python/otel_peer.py`).
+pub fn python_otel() -> PathBuf {
+    tools_dir().join("python-otel")
+}
+
+/// Its interpreter.
+pub fn python_otel_python() -> PathBuf {
+    python_otel().join("bin/python")
+}
+
 /// `PATH` with the tools directory's binaries first.
 pub fn path_with_tools() -> OsString {
     let mut dirs = vec![tools_dir().join("bpf-linker/bin")];
@@ -79,7 +90,8 @@ pub fn build_tools() -> Result<()> {
 
 /// What only the tests need.
 pub fn test_tools() -> Result<()> {
-    tansu()
+    tansu()?;
+    python_otel_venv()
 }
 
 /// Fails with advice when the build tools are missing.
@@ -226,6 +238,96 @@ fn tansu() -> Result<()> {
             .arg(tools_dir().join("tansu"))
             .env_remove("RUSTUP_TOOLCHAIN"),
     )
+}
+
+/// The OpenTelemetry Python packages of the HTTP peers and everything they
+/// pull in, pinned exactly (one consistent release: SDK 1.45.1 with the
+/// contrib instrumentations 0.66b1), so that every machine runs the same
+/// peers.
+const PYTHON_OTEL_REQUIREMENTS: &str = "\
+opentelemetry-api==1.45.1
+opentelemetry-sdk==1.45.1
+opentelemetry-semantic-conventions==0.66b1
+opentelemetry-instrumentation==0.66b1
+opentelemetry-instrumentation-wsgi==0.66b1
+opentelemetry-instrumentation-flask==0.66b1
+opentelemetry-instrumentation-requests==0.66b1
+opentelemetry-util-http==0.66b1
+flask==3.1.3
+werkzeug==3.1.9
+blinker==1.9.0
+click==8.5.1
+itsdangerous==2.2.0
+jinja2==3.1.6
+markupsafe==3.0.4
+requests==2.34.2
+certifi==2026.10.19.post1
+charset-normalizer==3.5.3
+idna==3.20
+urllib3==2.8.0
+packaging==26.4
+typing-extensions==4.16.0
+wrapt==2.5.2
+";
+
+/// Written into the environment, after a complete install, with the
+/// requirements it holds: the quick check of a later setup.
+const PYTHON_OTEL_MARKER: &str = "omegi-requirements.txt";
+
+/// A Python virtual environment with the OpenTelemetry SDK, Flask, requests
+/// and their instrumentations from PyPI, made with the machine's `python3`
+/// (Debian's needs `python3-venv`).
+fn python_otel_venv() -> Result<()> {
+    let venv = python_otel();
+    let marker = venv.join(PYTHON_OTEL_MARKER);
+    let imports = "import opentelemetry.sdk.trace, opentelemetry.instrumentation.flask, \
+                   opentelemetry.instrumentation.requests, flask, requests";
+    if std::fs::read_to_string(&marker).is_ok_and(|text| text == PYTHON_OTEL_REQUIREMENTS)
+        && works(Command::new(python_otel_python()).args(["-c", imports]))
+    {
+        return Ok(());
+    }
+    let can_make_venvs =
+        |python: &str| works(Command::new(python).args(["-c", "import venv, ensurepip"]));
+    let python = if can_make_venvs("python3") {
+        "python3"
+    } else {
+        apt_install(&["python3", "python3-venv"])?;
+        if !can_make_venvs("/usr/bin/python3") {
+            bail!("python3 cannot make virtual environments (no venv or ensurepip module)");
+        }
+        "/usr/bin/python3"
+    };
+    println!(
+        "setup: installing the OpenTelemetry Python peers in {}",
+        venv.display()
+    );
+    run_command(
+        Command::new(python)
+            .args(["-m", "venv", "--clear"])
+            .arg(&venv),
+    )?;
+    let requirements = venv.join("requirements.txt");
+    std::fs::write(&requirements, PYTHON_OTEL_REQUIREMENTS)?;
+    run_command(
+        Command::new(python_otel_python())
+            .args(["-m", "pip", "install", "--quiet", "--no-input"])
+            .args([
+                "--disable-pip-version-check",
+                "--only-binary",
+                ":all:",
+                "-r",
+            ])
+            .arg(&requirements),
+    )?;
+    if !works(Command::new(python_otel_python()).args(["-c", imports])) {
+        bail!(
+            "the OpenTelemetry packages in {} do not import",
+            venv.display()
+        );
+    }
+    std::fs::write(&marker, PYTHON_OTEL_REQUIREMENTS)?;
+    Ok(())
 }
 
 /// Whether `command` runs and succeeds (its output thrown away).
