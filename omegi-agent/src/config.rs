@@ -10,8 +10,8 @@ use crate::{
     budget::Budget,
     cli::{Cli, ConsoleFormat},
     discovery::Selection,
-    http::Propagation,
     export::kafka::options::KafkaOptions,
+    http::Propagation,
 };
 
 pub mod otlp;

@@ -96,7 +96,16 @@ struct ClientCall {
     start_ns: u64,
     tid: u32,
     depth: u32,
+    /// The span ids and trace keys of the innermost `ANCESTORS` frames at
+    /// the write (outermost first; 0 where the stack was shallower): the
+    /// call that wrote may have returned by the time the response is read
+    /// (a `send_all` helper), and the span's parent is then the innermost
+    /// of them still running, so that it lies within its parent.
+    ancestors: [u64; ANCESTORS],
+    ancestor_keys: [u64; ANCESTORS],
 }
+
+const ANCESTORS: usize = 4;
 
 /// An HTTP connection of a traced process (key: tgid << 32 | fd).
 #[repr(C)]
@@ -416,14 +425,26 @@ fn on_client_bytes(
             return;
         };
         let span_id = stack::next_span_id(stack);
-        connection.client = ClientCall {
+        let mut call = ClientCall {
             span_id,
             parent_span_id,
             trace_key,
             start_ns: now,
             tid,
             depth: stack.depth,
+            ..Default::default()
         };
+        if parent_span_id != stack.request.span_id {
+            for index in 0..ANCESTORS {
+                let depth = stack.depth as usize + index;
+                if depth >= ANCESTORS {
+                    let frame = &stack.frames[stack::slot(depth - ANCESTORS)];
+                    call.ancestors[index] = frame.span_id;
+                    call.ancestor_keys[index] = frame.trace_key;
+                }
+            }
+        }
+        connection.client = call;
         connection.copied = 0;
         send_chunks(connection, io, len, http_part::CLIENT_REQUEST, span_id, tgid, tid);
         return;
@@ -431,10 +452,15 @@ fn on_client_bytes(
     if connection.client.span_id == 0 || !is_status_line(start) {
         return;
     }
-    let call = connection.client;
+    let mut call = connection.client;
     connection.client.span_id = 0;
     connection.copied = HTTP_MAX_COPY - HTTP_RESPONSE_COPY;
     send_chunks(connection, io, len, http_part::CLIENT_RESPONSE, call.span_id, tgid, tid);
+    if tid == call.tid {
+        if let Some(stack) = stack::thread_stack(tid) {
+            still_running_parent(stack, &mut call);
+        }
+    }
     emit_client(&call, tgid, now, end_reason::RETURNED, io.fd);
 }
 
@@ -451,6 +477,28 @@ fn current_parent(stack: &ThreadStack) -> Option<(u64, u64)> {
     }
     let frame = &stack.frames[stack::slot(depth - 1)];
     Some((frame.span_id, frame.trace_key))
+}
+
+/// Makes `call`'s parent the innermost of its write-time ancestors still on
+/// the stack (the same frame: same depth, same span id); the write-time
+/// parent stays when none is.
+#[inline(always)]
+fn still_running_parent(stack: &ThreadStack, call: &mut ClientCall) {
+    for back in 0..ANCESTORS {
+        let index = ANCESTORS - 1 - back;
+        let depth = call.depth as usize + index;
+        if call.ancestors[index] == 0 || depth < ANCESTORS {
+            continue;
+        }
+        let depth = depth - ANCESTORS;
+        if depth < stack.depth as usize
+            && stack.frames[stack::slot(depth)].span_id == call.ancestors[index]
+        {
+            call.parent_span_id = call.ancestors[index];
+            call.trace_key = call.ancestor_keys[index];
+            return;
+        }
+    }
 }
 
 /// A frame at `index` of a thread answering a request ended: the request's

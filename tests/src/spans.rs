@@ -157,9 +157,24 @@ pub fn traces(spans: &[SpanRecord]) -> Vec<TraceView> {
 }
 
 impl TraceView {
-    /// The span with no parent.
+    /// Whether `span` is this service's root: no parent, or a SERVER span
+    /// whose parent is the caller's span, in another service.
+    pub fn is_local_root(&self, span: &SpanRecord) -> bool {
+        span.is_root()
+            || (span.kind == "SERVER"
+                && !self
+                    .spans
+                    .iter()
+                    .any(|other| other.span_id == span.parent_span_id))
+    }
+
+    /// The span with no parent in this trace.
     pub fn root(&self) -> &SpanRecord {
-        let roots: Vec<_> = self.spans.iter().filter(|span| span.is_root()).collect();
+        let roots: Vec<_> = self
+            .spans
+            .iter()
+            .filter(|span| self.is_local_root(span))
+            .collect();
         assert_eq!(
             roots.len(),
             1,
@@ -216,7 +231,7 @@ impl TraceView {
                 "span {} has no duration",
                 span.name
             );
-            if span.is_root() {
+            if self.is_local_root(span) {
                 continue;
             }
             let parent = by_id
