@@ -623,20 +623,25 @@ fn send_chunks(
         event.span_id = span_id;
         event.local = connection.local;
         event.peer = connection.peer;
-        // A clamp, not a mask: the verifier needs the bound, and a mask
-        // would cut a 4096-byte chunk to nothing.
-        let bounded = (size as u32) & (2 * HTTP_CHUNK as u32 - 1);
-        let bounded = if bounded > HTTP_CHUNK as u32 {
+        let bounded = size as u32;
+        let source = (io.buf + offset) as *const core::ffi::c_void;
+        let destination = event.data.as_mut_ptr().cast();
+        // The verifier must see the size's bound at the call itself: a
+        // whole chunk is a constant, anything shorter a masked value read
+        // back through the stack (older verifiers lose the bound of a value
+        // clamped earlier: 6.1 refused "R2 min value is negative").
+        let copied = if bounded >= HTTP_CHUNK as u32 {
+            unsafe {
+                generated::bpf_probe_read_user(destination, HTTP_CHUNK as u32, source)
+            }
+        } else {
+            let short = unsafe { core::ptr::read_volatile(&bounded) } & (HTTP_CHUNK as u32 - 1);
+            unsafe { generated::bpf_probe_read_user(destination, short, source) }
+        };
+        let bounded = if bounded >= HTTP_CHUNK as u32 {
             HTTP_CHUNK as u32
         } else {
             bounded
-        };
-        let copied = unsafe {
-            generated::bpf_probe_read_user(
-                event.data.as_mut_ptr().cast(),
-                bounded,
-                (io.buf + offset) as *const core::ffi::c_void,
-            )
         };
         // Only `len` bytes are ever read by the agent: a failed copy sends
         // none, never stale bytes of an earlier record.

@@ -143,6 +143,7 @@ const KERNEL_SUITES: &[&str] = &[
     "discovery",
     "runtimes",
     "overhead",
+    "http",
 ];
 
 /// What [`boot`] waits for when `--timeout` is not given: CI has 90 minutes
