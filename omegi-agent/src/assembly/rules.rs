@@ -329,19 +329,32 @@ pub fn for_functions(
     let mut applied_per_rule = vec![0usize; rules.len()];
     let mut matched_per_rule = vec![0usize; rules.len()];
     let mut refused_per_rule: Vec<Vec<String>> = vec![Vec::new(); rules.len()];
+    let return_types = match &table.sources {
+        Some(sources) if rules.iter().any(ReturnRule::is_err_rule) => {
+            let addresses: Vec<u64> = table
+                .functions
+                .iter()
+                .filter(|function| {
+                    rules
+                        .iter()
+                        .any(|rule| rule.is_err_rule() && rule.applies_to(&function.name))
+                })
+                .map(|function| function.address)
+                .collect();
+            sources.return_types(&addresses)
+        }
+        _ => HashMap::new(),
+    };
     for function in &table.functions {
         for (index, rule) in rules.iter().enumerate() {
             if !rule.applies_to(&function.name) {
                 continue;
             }
             matched_per_rule[index] += 1;
-            let return_kind = || match &table.sources {
-                Some(sources) => match sources.return_type(function.address) {
-                    Ok(Some(shape)) => result_layout::err_check(&shape),
-                    Ok(None) => ReturnKind::NotResult,
-                    Err(reason) => ReturnKind::Refused(Refusal::Unreadable(reason)),
-                },
-                None => ReturnKind::NotResult,
+            let return_kind = || match return_types.get(&function.address) {
+                Some(Ok(Some(shape))) => result_layout::err_check(shape),
+                Some(Ok(None)) | None => ReturnKind::NotResult,
+                Some(Err(reason)) => ReturnKind::Refused(Refusal::Unreadable(reason.clone())),
             };
             match rule.apply(return_kind) {
                 None => continue,
@@ -364,6 +377,13 @@ pub fn for_functions(
             }
         }
     }
+    for refused in &mut refused_per_rule {
+        // Monomorphized copies of a function share its name.
+        let mut seen = std::collections::HashSet::new();
+        refused.retain(|line| seen.insert(line.clone()));
+    }
+    let mut seen = std::collections::HashSet::new();
+    applied.warnings.retain(|line| seen.insert(line.clone()));
     for (index, rule) in rules.iter().enumerate() {
         let refused = &refused_per_rule[index];
         if !rule.is_err_rule() || applied_per_rule[index] > 0 {

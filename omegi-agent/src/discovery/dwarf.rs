@@ -2,6 +2,7 @@
 
 use std::{
     borrow::Cow,
+    collections::{HashMap, HashSet},
     fmt,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -111,36 +112,73 @@ fn producers(dwarf: &gimli::Dwarf<Reader>) -> Vec<String> {
 }
 
 impl SourceIndex {
-    /// The return type of the function whose code starts at `address`, as
-    /// [`TypeShape`]: `Ok(None)` when DWARF has no such function or it
-    /// returns nothing, `Err` with what could not be read.
-    pub fn return_type(&self, address: u64) -> Result<Option<TypeShape>, String> {
+    /// The return types of the functions whose code starts at `addresses`,
+    /// as [`TypeShape`]s (each compile unit is walked once): `Ok(None)` when
+    /// DWARF has no such function or it returns nothing, `Err` with what
+    /// could not be read.
+    pub fn return_types(
+        &self,
+        addresses: &[u64],
+    ) -> HashMap<u64, Result<Option<TypeShape>, String>> {
         let context = self
             .context
             .lock()
             .unwrap_or_else(|poison| poison.into_inner());
-        let Some(unit) = context.find_dwarf_and_unit(address).skip_all_loads() else {
-            return Ok(None);
-        };
-        let mut entries = unit.entries();
-        while let Some((_, entry)) = entries.next_dfs().map_err(describe)? {
-            if entry.tag() != gimli::DW_TAG_subprogram {
+        let mut found = HashMap::new();
+        // The units holding the functions, with the addresses wanted in each.
+        let mut units: Vec<(Unit<'_>, HashSet<u64>)> = Vec::new();
+        for &address in addresses {
+            found.insert(address, Ok(None));
+            let Some(unit) = context.find_dwarf_and_unit(address).skip_all_loads() else {
                 continue;
-            }
-            let low_pc = match entry.attr_value(gimli::DW_AT_low_pc).map_err(describe)? {
-                Some(value) => unit.attr_address(value).map_err(describe)?,
-                None => None,
             };
-            if low_pc != Some(address) {
-                continue;
+            let offset = unit.header.offset();
+            match units
+                .iter_mut()
+                .find(|(known, _)| known.header.offset() == offset)
+            {
+                Some((_, wanted)) => {
+                    wanted.insert(address);
+                }
+                None => units.push((unit, HashSet::from([address]))),
             }
-            return match declared_type(unit, entry.offset(), 0)? {
-                Some(offset) => read_shape(unit, offset, 0).map(Some),
-                None => Ok(None),
-            };
         }
-        Ok(None)
+        for (unit, wanted) in units {
+            if let Err(error) = return_types_in(unit, &wanted, &mut found) {
+                for address in wanted {
+                    found.insert(address, Err(error.clone()));
+                }
+            }
+        }
+        found
     }
+}
+
+/// Walks `unit` once for the subprograms starting at `wanted`.
+fn return_types_in(
+    unit: Unit<'_>,
+    wanted: &HashSet<u64>,
+    found: &mut HashMap<u64, Result<Option<TypeShape>, String>>,
+) -> Result<(), String> {
+    let mut entries = unit.entries();
+    while let Some((_, entry)) = entries.next_dfs().map_err(describe)? {
+        if entry.tag() != gimli::DW_TAG_subprogram {
+            continue;
+        }
+        let low_pc = match entry.attr_value(gimli::DW_AT_low_pc).map_err(describe)? {
+            Some(value) => unit.attr_address(value).map_err(describe)?,
+            None => None,
+        };
+        let Some(address) = low_pc.filter(|address| wanted.contains(address)) else {
+            continue;
+        };
+        let shape = declared_type(unit, entry.offset(), 0).and_then(|ty| match ty {
+            Some(offset) => read_shape(unit, offset, 0).map(Some),
+            None => Ok(None),
+        });
+        found.insert(address, shape);
+    }
+    Ok(())
 }
 
 fn describe(error: gimli::Error) -> String {
@@ -200,6 +238,10 @@ fn unsigned(
 /// Deeper types are read as opaque (their size only).
 const MAX_TYPE_DEPTH: usize = 12;
 
+/// Structures larger than this (bytes) are never returned in registers:
+/// their members are not read.
+const MAX_REGISTER_VALUE: u64 = 16;
+
 fn read_shape(
     unit: Unit<'_>,
     offset: gimli::UnitOffset,
@@ -217,8 +259,17 @@ fn read_shape(
         None => String::new(),
     };
     let sized = || size.ok_or_else(|| format!("no size for the type {name:?}"));
-    if depth > MAX_TYPE_DEPTH {
-        return Ok(TypeShape::Opaque { size: sized()? });
+    let pointer = matches!(
+        entry.tag(),
+        gimli::DW_TAG_pointer_type
+            | gimli::DW_TAG_reference_type
+            | gimli::DW_TAG_rvalue_reference_type
+    );
+    if depth > MAX_TYPE_DEPTH && !pointer {
+        // Of unknown size: not a zero-sized field, not a scalar.
+        return Ok(TypeShape::Opaque {
+            size: size.unwrap_or(u64::MAX),
+        });
     }
     Ok(match entry.tag() {
         gimli::DW_TAG_base_type => {
@@ -246,7 +297,17 @@ fn read_shape(
         }
         gimli::DW_TAG_structure_type | gimli::DW_TAG_class_type => {
             let size = sized()?;
-            read_struct(unit, offset, name, size, depth)?
+            if size > MAX_REGISTER_VALUE {
+                // Returned through memory whatever it holds.
+                TypeShape::Struct {
+                    name,
+                    size,
+                    fields: Vec::new(),
+                    variants: None,
+                }
+            } else {
+                read_struct(unit, offset, name, size, depth)?
+            }
         }
         gimli::DW_TAG_union_type | gimli::DW_TAG_array_type => TypeShape::Opaque { size: sized()? },
         tag => return Err(format!("a type of tag {tag}")),

@@ -182,6 +182,14 @@ pub fn is_result_name(name: &str) -> bool {
 
 /// Decides how `Err` shows in `rax` for a function returning `shape`.
 pub fn err_check(shape: &TypeShape) -> ReturnKind {
+    if let TypeShape::Struct { name, size, .. } = shape {
+        if is_result_name(name) && *size > 16 {
+            return ReturnKind::Refused(Refusal::InMemory {
+                type_name: name.clone(),
+                size: *size,
+            });
+        }
+    }
     let TypeShape::Struct {
         name,
         size,
