@@ -167,6 +167,23 @@ fn return_types_in(
         }
         let low_pc = match entry.attr_value(gimli::DW_AT_low_pc).map_err(describe)? {
             Some(value) => unit.attr_address(value).map_err(describe)?,
+            // A function in pieces: the one of its ranges wanted.
+            None if entry
+                .attr_value(gimli::DW_AT_ranges)
+                .ok()
+                .flatten()
+                .is_some() =>
+            {
+                let mut ranges = unit.die_ranges(entry).map_err(describe)?;
+                let mut start = None;
+                while let Some(range) = ranges.next().map_err(describe)? {
+                    if wanted.contains(&range.begin) {
+                        start = Some(range.begin);
+                        break;
+                    }
+                }
+                start
+            }
             None => None,
         };
         let Some(address) = low_pc.filter(|address| wanted.contains(address)) else {

@@ -155,7 +155,10 @@ pub enum Refusal {
     DiscriminantElsewhere { type_name: String, offset: u64 },
     #[error("the discriminant of its {type_name} is {size} bytes wide (at most 8 are read)")]
     DiscriminantTooWide { type_name: String, size: u64 },
-    #[error("DWARF gives its {type_name} no discriminant (it cannot return Err)")]
+    #[error(
+        "DWARF gives its {type_name} no Ok/Err discriminant (a Result whose error type has \
+         no value, such as Infallible, never returns Err)"
+    )]
     NoDiscriminant { type_name: String },
     #[error("its {type_name} does not have exactly the variants Ok and Err")]
     NotOkErr { type_name: String },
