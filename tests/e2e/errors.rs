@@ -543,7 +543,8 @@ const RESULT_FUNCTIONS: [&str; 11] = [
 ];
 
 /// The agent's lines for the functions `results::*:err` cannot check: the
-/// two returned through memory, and (optimized) `write_all`'s tail jump.
+/// two returned through memory, the one that cannot fail, and (optimized)
+/// `write_all`'s tail jump.
 fn result_warnings(profile: Profile) -> Vec<String> {
     let rule = "--error-if 'results::*:err'";
     let mut lines = vec![
@@ -557,6 +558,11 @@ fn result_warnings(profile: Profile) -> Vec<String> {
              Result<u64, results::Code> (16 bytes) is returned through memory, not in registers"
         ),
     ];
+    lines.push(format!(
+        "omegi-agent: warning: {rule} is not applied to results::never_fails: DWARF gives its \
+         Result<u32, core::convert::Infallible> no Ok/Err discriminant (a Result whose error \
+         type has no value, such as Infallible, never returns Err)"
+    ));
     if profile != Profile::Debug {
         lines.push(format!(
             "omegi-agent: warning: {rule}: calls of results::write_all that leave by a tail \
@@ -683,6 +689,12 @@ fn a_result_err_rule_with_nothing_to_read_is_refused() {
             "results::in_memory:err",
             "results::in_memory: its Result<alloc::string::String, results::Code> (24 bytes) \
              is returned through memory, not in registers",
+        ),
+        (
+            "results::never_fails:err",
+            "results::never_fails: DWARF gives its Result<u32, core::convert::Infallible> no \
+             Ok/Err discriminant (a Result whose error type has no value, such as Infallible, \
+             never returns Err)",
         ),
         (
             "results::main:err",

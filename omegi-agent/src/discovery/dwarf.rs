@@ -353,7 +353,7 @@ fn read_struct(
                 }
             }
             gimli::DW_TAG_variant_part => {
-                variants = Some(read_variant_part(unit, child, depth)?);
+                variants = read_variant_part(unit, child, depth)?;
             }
             _ => {}
         }
@@ -389,13 +389,16 @@ fn read_member(
     }))
 }
 
+/// The variants of an enum; `None` for one without a discriminant (one
+/// inhabited variant: `Result<T, Infallible>`).
 fn read_variant_part(
     unit: Unit<'_>,
     node: gimli::EntriesTreeNode<'_, '_, '_, Reader>,
     depth: usize,
-) -> Result<VariantPart, String> {
-    let discriminant = reference(unit, node.entry(), gimli::DW_AT_discr)?
-        .ok_or_else(|| "a variant part without a discriminant".to_owned())?;
+) -> Result<Option<VariantPart>, String> {
+    let Some(discriminant) = reference(unit, node.entry(), gimli::DW_AT_discr)? else {
+        return Ok(None);
+    };
     let discriminant = unit.entry(discriminant).map_err(describe)?;
     let discriminant_offset = discriminant
         .attr_value(gimli::DW_AT_data_member_location)
@@ -452,9 +455,9 @@ fn read_variant_part(
             fields,
         });
     }
-    Ok(VariantPart {
+    Ok(Some(VariantPart {
         discriminant_offset,
         discriminant_size,
         variants,
-    })
+    }))
 }
