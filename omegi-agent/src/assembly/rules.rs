@@ -301,7 +301,9 @@ fn value_of(width: Width, rax: u64) -> i64 {
 #[derive(Debug, thiserror::Error)]
 #[error("--error-if '{rule}': {why}")]
 pub struct NoFunctionError {
+    /// The rule as written.
     pub rule: String,
+    /// Why nothing is left: no match, no `Result`, or each refusal.
     pub why: String,
 }
 

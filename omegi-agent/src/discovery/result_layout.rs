@@ -56,8 +56,10 @@ pub enum TypeShape {
     /// A structure (struct, tuple, fat pointer, closure), or an enum when
     /// `variants` is there.
     Struct {
+        /// As DWARF names it (`Result<u32, app::Code>`).
         name: String,
         size: u64,
+        /// The data members (empty for one over 16 bytes: not read).
         fields: Vec<Field>,
         variants: Option<VariantPart>,
     },
