@@ -112,6 +112,13 @@ pub fn run(config: Config) -> anyhow::Result<Outcome> {
         );
     }
     let mechanism = ReturnMechanism::choose(config.return_probes, &table)?;
+    // Before the program starts: an `err` rule that applies to nothing
+    // stops here.
+    let applied = crate::assembly::rules::for_functions(&table, &config.error_rules)?;
+    for line in &applied.warnings {
+        tracing::warn!("{line}");
+    }
+    let rules = applied.rules;
 
     let child = match &config.target {
         Target::Command(argv) => Some(GatedChild::spawn(&binary, argv)?),
@@ -123,7 +130,7 @@ pub fn run(config: Config) -> anyhow::Result<Outcome> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let outcome = runtime.block_on(trace(config, table, attach_path, mechanism, child));
+    let outcome = runtime.block_on(trace(config, table, rules, attach_path, mechanism, child));
     // A waiting `waitpid` may still sit in the blocking pool.
     runtime.shutdown_background();
     outcome
@@ -142,16 +149,16 @@ enum Ending {
 async fn trace(
     config: Config,
     table: FunctionTable,
+    rules: std::collections::HashMap<u32, crate::assembly::FunctionRule>,
     attach_path: PathBuf,
     mechanism: ReturnMechanism,
     child: Option<GatedChild>,
 ) -> anyhow::Result<Outcome> {
     let (mut probes, maps, counters) = Probes::load(&config.kernel, &table)?;
-    let rules = crate::assembly::rules::for_functions(&table, &config.error_rules);
     // The kernel side needs the rules too: --min-duration keeps failing calls.
     for (id, rule) in &rules {
-        let (op, wide, value) = rule.kernel_form();
-        counters.set_rule(*id, op, wide, value);
+        let (op, bits, value) = rule.kernel_form();
+        counters.set_rule(*id, op, bits, value);
     }
     let report = probes.attach_functions(&table, &attach_path, mechanism)?;
     let running_pid = match config.target {

@@ -96,7 +96,8 @@ pub struct Cli {
     /// Mark a call as an error when its return value says so, e.g.
     /// 'parse_*:ret<0' (repeatable; OMEGI_ERROR_IF takes rules separated by
     /// ';'). Grammar: GLOB:ret OP INTEGER (C int) or GLOB:ret64 OP INTEGER,
-    /// OP one of < <= > >= == !=.
+    /// OP one of < <= > >= == !=; or GLOB:err, a Rust function returning a
+    /// Result that returned Err (e.g. 'myapp::*:err').
     #[arg(long = "error-if", value_name = "RULE")]
     pub error_if: Vec<String>,
 

@@ -123,8 +123,10 @@ pub struct FunctionState {
     /// The return-value rule: one of [`rule_op`] (0: none), compared with
     /// `rule_value` (agent).
     pub rule_op: u32,
-    /// 1: compare all 64 bits of `rax`; 0: its low 32 bits, signed (agent).
-    pub rule_wide: u32,
+    /// How many low bits of `rax` the rule reads, sign-extended: 32 (a C
+    /// `int`), 64, or 8 and 16 (a Rust `Result`'s discriminant); any other
+    /// value reads 32 (agent).
+    pub rule_bits: u32,
     pub rule_value: i64,
 }
 
@@ -143,10 +145,11 @@ impl FunctionState {
     /// Whether `rax` fails the function's rule (false without a rule).
     #[inline(always)]
     pub fn rule_fails(&self, rax: u64) -> bool {
-        let value = if self.rule_wide != 0 {
-            rax as i64
-        } else {
-            rax as u32 as i32 as i64
+        let value = match self.rule_bits {
+            64 => rax as i64,
+            16 => rax as u16 as i16 as i64,
+            8 => rax as u8 as i8 as i64,
+            _ => rax as u32 as i32 as i64,
         };
         let limit = self.rule_value;
         match self.rule_op {

@@ -236,7 +236,8 @@ fn end_call(
             && duration < min_duration
             && stack.unwinding == 0
             && frame.flags & span_flags::KEEP == 0
-            && !function.is_some_and(|f| unsafe { (*f).rule_fails(ret) })
+            && !(reason == end_reason::RETURNED
+                && function.is_some_and(|f| unsafe { (*f).rule_fails(ret) }))
         {
             count(counter::FILTERED);
             return;

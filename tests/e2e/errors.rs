@@ -526,6 +526,197 @@ fn a_bad_return_value_rule_is_refused() {
     assert!(traced.stdout.is_empty(), "the program must not have run");
 }
 
+/// The functions of `rust/results.rs` whose `Result` comes back in
+/// registers, each called once with `Ok` and then once with `Err`.
+const RESULT_FUNCTIONS: [&str; 11] = [
+    "results::boxed_error",
+    "results::check_unit",
+    "results::find_config",
+    "results::is_even",
+    "results::make_box",
+    "results::parse_i32",
+    "results::parse_u32",
+    "results::parse_u64",
+    "results::parse_usize",
+    "results::unit_error",
+    "results::write_all",
+];
+
+/// The agent's lines for the functions `results::*:err` cannot check: the
+/// two returned through memory, the one that cannot fail, and (optimized)
+/// `write_all`'s tail jump.
+fn result_warnings(profile: Profile) -> Vec<String> {
+    let rule = "--error-if 'results::*:err'";
+    let mut lines = vec![
+        format!(
+            "omegi-agent: warning: {rule} is not applied to results::in_memory: its \
+             Result<alloc::string::String, results::Code> (24 bytes) is returned through \
+             memory, not in registers"
+        ),
+        format!(
+            "omegi-agent: warning: {rule} is not applied to results::wide_in_memory: its \
+             Result<u64, results::Code> (16 bytes) is returned through memory, not in registers"
+        ),
+    ];
+    lines.push(format!(
+        "omegi-agent: warning: {rule} is not applied to results::never_fails: DWARF gives its \
+         Result<u32, core::convert::Infallible> no Ok/Err discriminant (a Result whose error \
+         type has no value, such as Infallible, never returns Err)"
+    ));
+    if profile != Profile::Debug {
+        lines.push(format!(
+            "omegi-agent: warning: {rule}: calls of results::write_all that leave by a tail \
+             jump are not checked (the function jumped to makes the Result, and omegi does not \
+             see it return)"
+        ));
+    }
+    lines.sort();
+    lines
+}
+
+#[test]
+fn result_err_rules_mark_exactly_the_calls_that_returned_err() {
+    for profile in [Profile::Debug, Profile::Release, Profile::ReleaseLto] {
+        let exe = fixtures::build_as("rust/results.rs", Linking::Pie, profile);
+        let traced = agent().trace(&exe, &["refused"], &["--error-if", "results::*:err"]);
+        let plain = run::untraced(&exe, &["refused"]);
+        assert_eq!(
+            traced.status.code(),
+            Some(0),
+            "{profile:?}: {}",
+            traced.stderr
+        );
+        assert_eq!(traced.stdout, String::from_utf8_lossy(&plain.stdout));
+        let mut warnings: Vec<String> = traced.agent_stderr().lines().map(str::to_owned).collect();
+        warnings.sort();
+        assert_eq!(warnings, result_warnings(profile), "{profile:?}");
+        for trace in traces(&traced.spans) {
+            trace.check_well_formed();
+        }
+        // In an optimized build write_all's Err is made by the function it
+        // jumps to: that call is not checked (the agent said so above).
+        let expected: Vec<&str> = RESULT_FUNCTIONS
+            .iter()
+            .copied()
+            .filter(|name| profile == Profile::Debug || *name != "results::write_all")
+            .collect();
+        let mut errors = names_of_errors(&traced.spans);
+        errors.sort();
+        assert_eq!(
+            errors, expected,
+            "{profile:?}: exactly one Err call of each"
+        );
+        for name in RESULT_FUNCTIONS {
+            let mut calls: Vec<&SpanRecord> = traced
+                .spans
+                .iter()
+                .filter(|span| span.name == name)
+                .collect();
+            calls.sort_by_key(|span| span.start_time_unix_nano);
+            assert_eq!(calls.len(), 2, "{profile:?} {name}");
+            assert!(!calls[0].is_error(), "{profile:?} {name}: the Ok call");
+            if expected.contains(&name) {
+                assert!(calls[1].is_error(), "{profile:?} {name}: the Err call");
+            }
+        }
+        // Memory-returned shapes are not guessed at: never errors.
+        assert!(traced
+            .spans
+            .iter()
+            .filter(|span| span.name.contains("in_memory"))
+            .all(|span| !span.is_error()));
+        let errors = exceptions(&traced.spans);
+        assert_eq!(
+            errors.len(),
+            expected.len(),
+            "{profile:?}: one error trace each"
+        );
+        let (span, error) = errors
+            .iter()
+            .find(|(span, _)| span.name == "results::check_unit")
+            .unwrap();
+        assert!(span.is_error());
+        assert_eq!(error.text("exception.type"), "results::Code");
+        assert_eq!(
+            error.text("exception.message"),
+            "returned Err (--error-if results::*:err)"
+        );
+        assert_eq!(error.flow(), vec!["results::check_unit"]);
+    }
+}
+
+#[test]
+fn result_err_rules_survive_min_duration() {
+    // The kernel evaluates the rule too: a failing call is never filtered.
+    let exe = fixtures::build("rust/results.rs", Linking::Pie);
+    let traced = agent().trace(
+        &exe,
+        &[] as &[&str],
+        &[
+            "--error-if",
+            "results::{check_unit,is_even,parse_u64,write_all}:err",
+            "--min-duration",
+            "10s",
+        ],
+    );
+    assert_eq!(traced.status.code(), Some(0), "{}", traced.stderr);
+    let mut errors = names_of_errors(&traced.spans);
+    errors.sort();
+    assert_eq!(
+        errors,
+        vec![
+            "results::check_unit",
+            "results::is_even",
+            "results::parse_u64",
+            "results::write_all"
+        ]
+    );
+    // The Ok calls were short: left out.
+    for name in ["results::check_unit", "results::parse_u32"] {
+        assert!(traced
+            .spans
+            .iter()
+            .filter(|s| s.name == name)
+            .all(SpanRecord::is_error));
+    }
+}
+
+#[test]
+fn a_result_err_rule_with_nothing_to_read_is_refused() {
+    let exe = fixtures::build("rust/results.rs", Linking::Pie);
+    for (rule, why) in [
+        (
+            "results::in_memory:err",
+            "results::in_memory: its Result<alloc::string::String, results::Code> (24 bytes) \
+             is returned through memory, not in registers",
+        ),
+        (
+            "results::never_fails:err",
+            "results::never_fails: DWARF gives its Result<u32, core::convert::Infallible> no \
+             Ok/Err discriminant (a Result whose error type has no value, such as Infallible, \
+             never returns Err)",
+        ),
+        (
+            "results::main:err",
+            "none of the 1 traced functions matching it returns a Result (by DWARF)",
+        ),
+        ("nothing::here:err", "no traced function matches it"),
+    ] {
+        let traced = agent().trace(&exe, &["refused"], &["--error-if", rule]);
+        assert_eq!(traced.status.code(), Some(1), "{rule}");
+        let lines: Vec<&str> = traced.stderr.lines().collect();
+        assert_eq!(
+            lines,
+            vec![format!("omegi-agent: error: --error-if '{rule}': {why}")],
+            "{rule}"
+        );
+        assert!(
+            traced.stdout.is_empty(),
+            "{rule}: the program must not have run"
+        );
+    }
+}
+
 fn libc_sigabrt() -> i32 {
     6
 }

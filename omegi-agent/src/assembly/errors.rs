@@ -287,11 +287,16 @@ pub fn enter_awaiting_end(error: &mut ThreadError) {
 }
 
 /// An error for a return value a rule calls a failure.
-pub fn return_value_error(rule: &str, value: i64, fn_id: u32, span_id: u64) -> ErrorInfo {
+pub fn return_value_error(
+    type_name: String,
+    message: String,
+    fn_id: u32,
+    span_id: u64,
+) -> ErrorInfo {
     ErrorInfo {
         kind: ErrorKind::ReturnValue,
-        type_name: "return value".into(),
-        message: format!("returned {value} (--error-if {rule})"),
+        type_name,
+        message,
         flow: vec![FlowStep { fn_id, span_id }],
         stack: vec![StackFrame {
             fn_id,

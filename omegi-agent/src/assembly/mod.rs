@@ -44,7 +44,7 @@ use crate::http::{HttpSpan, Messages, Side, TraceParent};
 
 pub use errors::{ErrorInfo, ErrorKind, FlowStep, Outcome, StackFrame};
 use errors::{ThreadError, Transition};
-pub use rules::ReturnRule;
+pub use rules::{FunctionRule, ReturnRule};
 
 /// A trace with no new span for this long is handed on as a piece.
 pub const IDLE_PIECE_AFTER: Duration = Duration::from_secs(5);
@@ -261,7 +261,7 @@ pub struct Assembler {
     max_trace_spans: usize,
     flow_rate: u32,
     /// The `--error-if` rule for each function id that has one.
-    rules: HashMap<u32, ReturnRule>,
+    rules: HashMap<u32, FunctionRule>,
     /// The error in flight on each thread.
     thread_errors: HashMap<u32, ThreadError>,
     /// Ended errors by the trace key they touched, until that trace goes out.
@@ -284,7 +284,7 @@ impl Assembler {
         clock: Clock,
         max_trace_spans: usize,
         flow_rate: u32,
-        rules: HashMap<u32, ReturnRule>,
+        rules: HashMap<u32, FunctionRule>,
     ) -> Self {
         Self {
             pending: HashMap::default(),
@@ -369,12 +369,9 @@ impl Assembler {
         if span.end == SpanEnd::Returned && !self.rules.is_empty() {
             if let Some(rule) = self.rules.get(&event.fn_id) {
                 if rule.fails(event.ret) {
-                    let info = errors::return_value_error(
-                        &rule.to_string(),
-                        rule.value_of(event.ret),
-                        event.fn_id,
-                        event.span_id,
-                    );
+                    let (type_name, message) = rule.describe(event.ret);
+                    let info =
+                        errors::return_value_error(type_name, message, event.fn_id, event.span_id);
                     span.status = Status::Error(info.description());
                     self.trace_errors
                         .entry(event.trace_key)
@@ -1025,7 +1022,11 @@ mod tests {
 
     #[test]
     fn return_value_rules_mark_one_call() {
-        let rule = ReturnRule::parse("parse_*:ret<0").unwrap();
+        let rule = ReturnRule::parse("parse_*:ret<0")
+            .unwrap()
+            .apply(|| unreachable!())
+            .unwrap()
+            .unwrap();
         let mut a = Assembler::new(Clock::with_offset(0), 100, 1, HashMap::from([(2, rule)]));
         let mut failing = event(2, 1, 1, 20, 30);
         failing.ret = u64::from(u32::MAX); // eax = -1

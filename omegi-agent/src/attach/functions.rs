@@ -93,7 +93,7 @@ impl FunctionCounters {
 
     /// Sets the `--error-if` rule of function `id` (see
     /// [`FunctionState`](omegi_common::FunctionState)).
-    pub fn set_rule(&self, id: u32, op: u32, wide: bool, value: i64) {
+    pub fn set_rule(&self, id: u32, op: u32, bits: u32, value: i64) {
         let index = id as usize;
         if index >= self.count {
             return;
@@ -102,7 +102,7 @@ impl FunctionCounters {
         unsafe {
             let entry = self.base.as_ptr().add(index);
             std::ptr::write_volatile(&raw mut (*entry).rule_value, value);
-            std::ptr::write_volatile(&raw mut (*entry).rule_wide, u32::from(wide));
+            std::ptr::write_volatile(&raw mut (*entry).rule_bits, bits);
             std::ptr::write_volatile(&raw mut (*entry).rule_op, op);
         }
     }

@@ -17,6 +17,7 @@ mod go;
 mod go_offsets;
 mod go_select;
 mod names;
+pub mod result_layout;
 mod runtime;
 
 use std::{
