@@ -118,6 +118,9 @@ struct Connection {
     request_span_id: u64,
     request_tid: u32,
     _pad: u32,
+    /// Server, Go programs only: when the request was read (their requests
+    /// are kept here, not in a thread's stack: see `on_go_server_bytes`).
+    request_start_ns: u64,
     client: ClientCall,
     local: Endpoint,
     peer: Endpoint,
@@ -204,7 +207,21 @@ pub fn omegi_io_close(ctx: TracePointContext) -> u32 {
     };
     let connection = unsafe { &mut *connection };
     let now = unsafe { bpf_ktime_get_ns() };
-    if connection.role == ROLE_SERVER && connection.request_span_id != 0 {
+    if connection.role == ROLE_SERVER
+        && connection.request_span_id != 0
+        && crate::goroutine::enabled()
+    {
+        emit_server(
+            tgid,
+            connection.request_tid,
+            connection.request_span_id,
+            connection.request_start_ns,
+            now,
+            end_reason::NOT_ANSWERED,
+            0,
+            fd as u32,
+        );
+    } else if connection.role == ROLE_SERVER && connection.request_span_id != 0 {
         if let Some(stack) = stack::thread_stack(connection.request_tid) {
             if stack.request.span_id == connection.request_span_id {
                 emit_request(stack, now, connection.request_tid, end_reason::NOT_ANSWERED);
@@ -343,6 +360,10 @@ fn on_server_bytes(
     tid: u32,
     now: u64,
 ) {
+    if crate::goroutine::enabled() {
+        on_go_server_bytes(connection, io, len, start, tgid, tid, now);
+        return;
+    }
     if io.write == 0 {
         if connection.request_span_id != 0 {
             // More of the request (its head split over reads, or its body).
@@ -398,6 +419,55 @@ fn on_server_bytes(
     if stack.depth <= stack.request.depth || reader != tid {
         emit_request(stack, now, reader, end_reason::RETURNED);
     }
+}
+
+/// A Go server: goroutines run on any thread and move between them, so a
+/// request cannot live in the reading thread's stack. It lives in its
+/// connection, from the first bytes read to the first bytes written, and has
+/// no children (the goroutine that answers it is not known here).
+#[inline(always)]
+fn on_go_server_bytes(
+    connection: &mut Connection,
+    io: &PendingIo,
+    len: u64,
+    start: u64,
+    tgid: u32,
+    tid: u32,
+    now: u64,
+) {
+    if io.write == 0 {
+        if connection.request_span_id != 0 {
+            send_chunks(connection, io, len, http_part::SERVER_REQUEST, connection.request_span_id, tgid, tid);
+            return;
+        }
+        if !is_request_line(start) {
+            return;
+        }
+        let span_id = stack::random_id();
+        connection.request_span_id = span_id;
+        connection.request_tid = tid;
+        connection.request_start_ns = now;
+        connection.copied = 0;
+        send_chunks(connection, io, len, http_part::SERVER_REQUEST, span_id, tgid, tid);
+        return;
+    }
+    if connection.request_span_id == 0 {
+        return;
+    }
+    let span_id = connection.request_span_id;
+    connection.request_span_id = 0;
+    connection.copied = HTTP_MAX_COPY - HTTP_RESPONSE_COPY;
+    send_chunks(connection, io, len, http_part::SERVER_RESPONSE, span_id, tgid, tid);
+    emit_server(
+        tgid,
+        connection.request_tid,
+        span_id,
+        connection.request_start_ns,
+        now,
+        end_reason::RETURNED,
+        0,
+        io.fd,
+    );
 }
 
 #[inline(always)]
@@ -533,21 +603,46 @@ fn emit_request(stack: &mut ThreadStack, now: u64, tid: u32, reason: u32) {
     let request = stack.request;
     stack.request.span_id = 0;
     stack.request.responded_ns = 0;
+    emit_server(
+        stack.tgid,
+        tid,
+        request.span_id,
+        request.start_ns,
+        now,
+        reason,
+        request.depth,
+        request.fd,
+    );
+}
+
+/// Emits a `SERVER` span: a trace root whose key is its own id.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn emit_server(
+    tgid: u32,
+    tid: u32,
+    span_id: u64,
+    start_ns: u64,
+    end_ns: u64,
+    reason: u32,
+    depth: u32,
+    fd: u32,
+) {
     emit(&SpanEvent {
         kind: event_kind::SPAN,
         end_reason: reason,
-        tgid: stack.tgid,
+        tgid,
         tid,
         fn_id: NO_FUNCTION,
         flags: span_flags::TRACE_ROOT | span_flags::HTTP_SERVER,
-        depth: request.depth,
+        depth,
         _pad: 0,
-        start_ns: request.start_ns,
-        end_ns: now,
-        span_id: request.span_id,
+        start_ns,
+        end_ns,
+        span_id,
         parent_span_id: 0,
-        trace_key: request.span_id,
-        ret: u64::from(request.fd),
+        trace_key: span_id,
+        ret: u64::from(fd),
     });
 }
 

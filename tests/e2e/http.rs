@@ -635,3 +635,37 @@ fn through_otlp_the_server_span_has_the_remote_parent() {
         .count();
     assert!(children > 0);
 }
+
+#[test]
+fn a_traced_go_server_continues_its_callers_traces() {
+    // net/http reads and writes on whichever thread runs the goroutine: the
+    // request is kept by its connection, and its span has no children yet.
+    let exe = omegi_tests::fixtures::build("go/httpserver.go", Linking::Pie);
+    let server = TracedServer::start(&exe, 3, &[], &[]);
+    let port = server.port();
+    let python = PythonPeer::run_client(&[
+        server.url("/hello"),
+        server.url("/error"),
+        server.url("/again?x=1"),
+    ]);
+    let (finished, spans) = server.finish();
+    assert!(
+        finished.stdout.starts_with("listening on"),
+        "{}",
+        finished.stdout
+    );
+    let served = server_spans(&spans);
+    assert_eq!(served.len(), 3, "{spans:#?}");
+    for (span, (path, query, status)) in served.iter().zip([
+        ("/hello", "", 200),
+        ("/error", "", 500),
+        ("/again", "?x=1", 200),
+    ]) {
+        check_server_span(span, "GET", path, status, port);
+        let call = python_call_for(&python, &format!("{path}{query}"));
+        assert_eq!(span.trace_id, call.trace_id);
+        assert_eq!(span.parent_span_id, call.span_id);
+    }
+    // The handler's calls are traced as before, per goroutine.
+    assert!(spans.iter().any(|span| span.name == "main.handle"));
+}
