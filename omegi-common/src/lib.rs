@@ -126,6 +126,13 @@ pub struct FunctionState {
     /// 1: compare all 64 bits of `rax`; 0: its low 32 bits, signed (agent).
     pub rule_wide: u32,
     pub rule_value: i64,
+    /// 1 once the overhead budget is detaching the function (agent, before
+    /// its probes go): a call of it that was in flight, whose exit probe is
+    /// gone, would otherwise be closed later as unwound, a false error path.
+    /// Such a call is left out unless the thread is really unwinding
+    /// (counted as [`counter::DETACHED_IN_FLIGHT`]).
+    pub detached: u32,
+    pub _reserved: u32,
 }
 
 /// Comparison operators of a [`FunctionState`] rule.
@@ -493,6 +500,10 @@ pub mod counter {
     pub const RECORDS_RING_FULL: u32 = 5;
     /// HTTP connections not followed: the connection table was full.
     pub const CONNECTIONS_FULL: u32 = 6;
+    /// Calls of functions the overhead budget detached that were in flight
+    /// at their detach and not seen to return: left out, never half
+    /// recorded (a choice, not a loss).
+    pub const DETACHED_IN_FLIGHT: u32 = 7;
     /// Number of counters.
     pub const COUNT: u32 = 8;
 }

@@ -225,6 +225,16 @@ fn end_call(
         if duration < BUDGET_SHORT_NS.load() {
             function.short_calls += 1;
         }
+        // Its exit probes are gone: a frame left open at its detach is
+        // closed by evidence later, and would look unwound. Left out, unless
+        // the thread really is unwinding (the error path is kept whole).
+        if function.detached != 0
+            && !matches!(reason, end_reason::RETURNED | end_reason::TAIL_CALL)
+            && stack.unwinding == 0
+        {
+            count(counter::DETACHED_IN_FLIGHT);
+            return;
+        }
     }
     let min_duration = MIN_DURATION_NS.load();
     if min_duration != 0 {
