@@ -7,7 +7,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use omegi_common::{
-    counter, end_reason, event_kind, span_flags, Frame, SpanEvent, ThreadStack, MAX_DEPTH,
+    counter, end_reason, event_kind, span_flags, Frame, SpanEvent, ThreadStack,
+    BUDGET_DURATION_CAP_NS, MAX_DEPTH,
 };
 
 use crate::{
@@ -221,7 +222,11 @@ fn end_call(
         // budget can afford, and a locked add on a shared line is not free.
         let function = unsafe { &mut *function };
         function.calls += 1;
-        function.total_ns += duration;
+        function.total_ns += if duration < BUDGET_DURATION_CAP_NS {
+            duration
+        } else {
+            BUDGET_DURATION_CAP_NS
+        };
         if duration < BUDGET_SHORT_NS.load() {
             function.short_calls += 1;
         }
