@@ -40,6 +40,27 @@ fn printed_counts(stdout: &str) -> HashMap<&str, u64> {
         .collect()
 }
 
+/// The functions the summary says the overhead budget detached: `N
+/// functions detached by the overhead budget (--overhead-budget): NAME (RATE
+/// calls/s, COST); NAME (…)`, with the rate of each.
+fn detached_in_summary(stderr: &str) -> Option<Vec<(String, f64)>> {
+    let (_, list) = stderr.lines().find_map(|line| {
+        line.split_once("detached by the overhead budget (--overhead-budget): ")
+    })?;
+    Some(
+        list.split("; ")
+            .map(|entry| {
+                let (name, details) = entry.rsplit_once(" (").expect("NAME (RATE calls/s, COST)");
+                let rate = details
+                    .split_once(" calls/s")
+                    .and_then(|(rate, _)| rate.parse().ok())
+                    .unwrap_or_else(|| panic!("no rate in {entry}"));
+                (name.to_owned(), rate)
+            })
+            .collect(),
+    )
+}
+
 fn by_name(spans: &[SpanRecord]) -> HashMap<&str, Vec<&SpanRecord>> {
     let mut names: HashMap<&str, Vec<&SpanRecord>> = HashMap::new();
     for span in spans {
@@ -169,10 +190,21 @@ fn the_overhead_budget_detaches_a_hot_function_and_keeps_the_others() {
             "{mode}: {}",
             traced.stderr
         );
+        let detached = detached_in_summary(&traced.stderr)
+            .unwrap_or_else(|| panic!("{mode}: nothing detached: {}", traced.stderr));
+        assert_eq!(
+            detached
+                .iter()
+                .map(|(name, _)| name.as_str())
+                .collect::<Vec<_>>(),
+            vec!["hot"],
+            "{mode}: {}",
+            traced.stderr
+        );
         assert!(
             traced
                 .stderr
-                .contains("1 function detached by the overhead budget (--overhead-budget): hot"),
+                .contains("1 function detached by the overhead budget (--overhead-budget): hot ("),
             "{mode}: {}",
             traced.stderr
         );
@@ -359,15 +391,11 @@ fn the_overhead_budget_detaches_hot_functions_of_a_thousand_and_keeps_the_others
         let spans_of = |name: &str| names.get(name).map_or(0, Vec::len) as u64;
 
         // The hot groups, and only they, are detached, each before the end.
-        let detached = traced
-            .stderr
-            .lines()
-            .find_map(|line| {
-                let (_, names) =
-                    line.split_once("detached by the overhead budget (--overhead-budget): ")?;
-                Some(names.split(", ").map(str::to_owned).collect::<Vec<_>>())
-            })
-            .unwrap_or_else(|| panic!("{mode}: nothing detached: {}", traced.stderr));
+        let detached: Vec<String> = detached_in_summary(&traced.stderr)
+            .unwrap_or_else(|| panic!("{mode}: nothing detached: {}", traced.stderr))
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
         let mut hot_names: Vec<String> = (0..HOT_GROUPS)
             .flat_map(|group| ["leaf", "mid", "tail"].map(|kind| name(kind, group)))
             .collect();
@@ -407,3 +435,4 @@ fn the_overhead_budget_detaches_hot_functions_of_a_thousand_and_keeps_the_others
         assert!(!traced.stderr.contains("dropped:"), "{}", traced.stderr);
     }
 }
+

@@ -605,6 +605,33 @@ impl Assembler {
         traces
     }
 
+    /// The functions of the spans already recorded in traces an error
+    /// touched that have not gone out yet: the overhead budget leaves them
+    /// attached, so that such a trace is not cut short by their detach.
+    pub fn functions_on_error_paths(&self) -> std::collections::HashSet<u32> {
+        let keys = self.trace_errors.keys().chain(
+            self.thread_errors
+                .values()
+                .flat_map(|error| error.touched.iter()),
+        );
+        let mut functions = std::collections::HashSet::new();
+        for key in keys {
+            if let Some(trace) = self.pending.get(key) {
+                functions.extend(trace.spans.iter().map(|span| span.fn_id));
+            }
+        }
+        for trace in self.pending.values() {
+            if trace
+                .spans
+                .iter()
+                .any(|span| matches!(span.status, Status::Error(_)))
+            {
+                functions.extend(trace.spans.iter().map(|span| span.fn_id));
+            }
+        }
+        functions
+    }
+
     /// Number of traces waiting for their root.
     pub fn pending_traces(&self) -> usize {
         self.pending.len()
