@@ -1068,6 +1068,25 @@ mod tests {
     }
 
     #[test]
+    fn functions_of_an_error_trace_still_recording_are_on_error_paths() {
+        let rule = ReturnRule::parse("parse_*:ret<0").unwrap();
+        let mut a = Assembler::new(Clock::with_offset(0), 100, 1, HashMap::from([(2, rule)]));
+        // Trace 1: its call of 3 returned fine, then 2 failed; the root runs.
+        a.on_span(&event(3, 1, 1, 12, 15));
+        let mut failing = event(2, 1, 1, 20, 30);
+        failing.ret = u64::from(u32::MAX);
+        a.on_span(&failing);
+        // Trace 5: nothing wrong.
+        a.on_span(&event(6, 5, 5, 50, 60));
+        let mut on_paths: Vec<u32> = a.functions_on_error_paths().into_iter().collect();
+        on_paths.sort_unstable();
+        assert_eq!(on_paths, vec![2, 3]);
+        // Once the trace has gone out, nothing is held.
+        one(a.on_span(&event(1, 0, 1, 10, 40)));
+        assert!(a.functions_on_error_paths().is_empty());
+    }
+
+    #[test]
     fn an_error_trace_whose_root_runs_on_goes_out_as_a_piece() {
         use omegi_common::error_kind;
         let mut a = assembler();
