@@ -219,7 +219,7 @@ async fn trace(
     let probes = Arc::new(Mutex::new(probes));
     let detached = Arc::new(Mutex::new(Vec::new()));
     let budget_task = config.budget.map(|budget| {
-        let costs = ProbeCosts::KVM_GUEST.for_functions(&table.functions, mechanism);
+        let costs = probe_costs().for_functions(&table.functions, mechanism);
         tokio::spawn(watch_budget(
             BudgetWatch::new(budget, costs),
             BudgetContext {
@@ -357,6 +357,40 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// What a probe hit costs here, measured (see [`crate::probe_cost`]), or
+/// the KVM guest's figures when that fails.
+fn probe_costs() -> ProbeCosts {
+    let measured = crate::attach::system::ensure_tracefs()
+        .map_err(|error| error.to_string())
+        .and_then(|tracefs| {
+            crate::probe_cost::measure(&tracefs).map_err(|error| error.to_string())
+        });
+    match measured {
+        Ok(costs) => {
+            tracing::info!(
+                "probe costs measured here for the overhead budget: {:.2} µs emulated, \
+                 {:.2} µs single-stepped, {:.2} µs a uretprobe's return",
+                costs.emulated_ns / 1e3,
+                costs.single_stepped_ns / 1e3,
+                costs.uretprobe_return_ns / 1e3,
+            );
+            costs
+        }
+        Err(error) => {
+            let costs = ProbeCosts::KVM_GUEST;
+            tracing::warn!(
+                "could not measure what a probe costs here ({error}): the overhead budget \
+                 assumes a KVM guest's ({:.1} µs emulated, {:.1} µs single-stepped, {:.1} µs a \
+                 uretprobe's return)",
+                costs.emulated_ns / 1e3,
+                costs.single_stepped_ns / 1e3,
+                costs.uretprobe_return_ns / 1e3,
+            );
+            costs
+        }
+    }
 }
 
 /// A function the overhead budget detached.

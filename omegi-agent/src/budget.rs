@@ -18,7 +18,8 @@
 //! `FUNCTIONS` map, which it has mapped, so no system call) and the traced
 //! processes' CPU time (`utime + stime` in `/proc/PID/stat`, summed over the
 //! processes). The probes' CPU time is estimated as calls × the cost of the
-//! function's probes ([`ProbeCosts`], by kind of probe). The probes run on the
+//! function's probes ([`ProbeCosts`], by kind of probe, measured at start on
+//! the machine by [`crate::probe_cost`]). The probes run on the
 //! program's threads, so they are inside its CPU time: the program's own
 //! work is the CPU time minus the estimate, and the slowdown is the estimate
 //! over the work. When the slowdown is over the budget, the functions that
@@ -166,11 +167,8 @@ impl std::fmt::Display for Budget {
 /// What one hit of each kind of probe costs the traced program, in ns of
 /// CPU time (the trap, the BPF program and, when single-stepped, the step).
 ///
-/// Not measured at start: the agent uses the figures measured on a KVM
-/// guest (BENCHMARKS.md: 823 ns for an emulated `push`, 9,445 ns for a
-/// single-stepped `ret`, 389 ns for a uretprobe's return, plus about 200 ns
-/// of BPF program per hit). Most cloud nodes are KVM guests; on bare metal
-/// the probes cost less, so the budget errs on the side of detaching.
+/// Measured at start on the machine ([`crate::probe_cost`]); when that
+/// fails, [`KVM_GUEST`](Self::KVM_GUEST).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct ProbeCosts {
     /// A probe on an instruction the kernel emulates (`push`, `nop`, `call`,
@@ -184,7 +182,12 @@ pub struct ProbeCosts {
 }
 
 impl ProbeCosts {
-    /// The costs measured on this kind of machine (see the type's doc).
+    /// The figures measured on a KVM guest in wall-clock time (BENCHMARKS.md:
+    /// 823 ns for an emulated `push`, 9,445 ns for a single-stepped `ret`,
+    /// 389 ns for a uretprobe's return, plus about 200 ns of BPF program a
+    /// hit). Measured as CPU time there, a single-step showed about half
+    /// (part of its VM exit appears not to be counted as the process's time), so these err on the
+    /// side of detaching.
     pub const KVM_GUEST: Self = Self {
         emulated_ns: 1_000.0,
         single_stepped_ns: 9_600.0,
