@@ -380,7 +380,7 @@ fn probe_costs() -> ProbeCosts {
         }
         Err(error) => {
             let costs = ProbeCosts::KVM_GUEST;
-            tracing::warn!(
+            tracing::info!(
                 "could not measure what a probe costs here ({error}): the overhead budget \
                  assumes a KVM guest's ({:.1} µs emulated, {:.1} µs single-stepped, {:.1} µs a \
                  uretprobe's return)",

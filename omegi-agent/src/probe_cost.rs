@@ -11,8 +11,9 @@
 //! times, and reads its thread's CPU time. The probes are tracefs uprobe
 //! events with a filter that records nothing, so no BPF program runs: the
 //! time of omegi's programs ([`BPF_PROGRAM_NS`] a hit, BENCHMARKS.md) is
-//! added. It takes a few tens of milliseconds; when anything fails the
-//! agent uses [`ProbeCosts::KVM_GUEST`] and says so.
+//! added. It takes a few tens of milliseconds (agents of the same binary
+//! take turns, holding a lock on it: the probes are on the file); when
+//! anything fails the agent uses [`ProbeCosts::KVM_GUEST`] and says so.
 
 use std::{
     fs,
@@ -71,6 +72,17 @@ pub fn measure(tracefs: &Path) -> Result<ProbeCosts, MeasureError> {
     let step = omegi_probe_cost_step as unsafe extern "C" fn(i32) -> i32 as usize as u64;
     let (binary, push_offset) = file_offset(push)?;
     let (_, step_offset) = file_offset(step)?;
+    // A uprobe is on the file: another agent of the same binary measuring
+    // at the same time would trap in our calls. One at a time.
+    let lock =
+        fs::File::open(&binary).map_err(|e| MeasureError::Io(binary.display().to_string(), e))?;
+    // SAFETY: flock on a descriptor we own; released when `lock` closes.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+        return Err(MeasureError::Io(
+            binary.display().to_string(),
+            std::io::Error::last_os_error(),
+        ));
+    }
     let group = format!("omegi_cost_{}", std::process::id());
     let mut events = Events {
         tracefs: tracefs.to_owned(),
