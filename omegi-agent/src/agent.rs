@@ -17,7 +17,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::{
     assembly::{Assembler, Clock},
     attach::{FunctionCounters, Probes, ReturnMechanism},
-    budget::BudgetWatch,
+    budget::{Budget, BudgetWatch, CpuSample, HotFunction, ProbeCosts, Verdict},
     config::{Config, Target},
     discovery::{FunctionTable, ProbeCost},
     events::{self, KernelCounters, Reader, ReaderStats},
@@ -190,6 +190,7 @@ async fn trace(
     });
     let exporters = Exporters::start(&config, context)?;
     let reader_stats = Arc::new(ReaderStats::default());
+    let error_functions = Arc::new(Mutex::new(std::collections::HashSet::new()));
     let assembler = Assembler::new(
         Clock::now(),
         config.max_trace_spans,
@@ -203,6 +204,7 @@ async fn trace(
         exporters.dispatcher.clone(),
         Arc::clone(&reader_stats),
         config.drain_interval,
+        Arc::clone(&error_functions),
     )?;
 
     let stats_task = config.stats_interval.map(|interval| {
@@ -224,12 +226,18 @@ async fn trace(
     let probes = Arc::new(Mutex::new(probes));
     let detached = Arc::new(Mutex::new(Vec::new()));
     let budget_task = config.budget.map(|budget| {
+        let costs = probe_costs().for_functions(&table.functions, mechanism);
         tokio::spawn(watch_budget(
-            BudgetWatch::new(budget),
-            Arc::clone(&probes),
-            counters,
-            Arc::clone(&table),
-            Arc::clone(&detached),
+            BudgetWatch::new(budget, costs),
+            BudgetContext {
+                probes: Arc::clone(&probes),
+                counters,
+                table: Arc::clone(&table),
+                detached: Arc::clone(&detached),
+                error_functions: Arc::clone(&error_functions),
+                all_processes_of: matches!(config.target, Target::Binary(_))
+                    .then(|| attach_path.clone()),
+            },
         ))
     });
 
@@ -304,7 +312,13 @@ async fn trace(
         detaching.elapsed().as_secs_f64()
     );
     let (maps, mut assembler) = reader.stop();
-    let in_flight = events::calls_in_flight(&maps);
+    let mut in_flight = events::calls_in_flight(&maps);
+    {
+        // A detached function's call still on a stack lost its exit probe:
+        // it is left out, never reported half seen.
+        let detached = lock(&detached);
+        in_flight.retain(|(_, _, frame)| detached.iter().all(|d: &Dropped| d.id != frame.fn_id));
+    }
     for trace in assembler.finish_all(&in_flight, events::now_ns()) {
         events::hand_on(trace, &exporters.dispatcher, &reader_stats);
     }
@@ -327,7 +341,16 @@ async fn trace(
             "{} function{} detached by the overhead budget (--overhead-budget): {}",
             detached.len(),
             if detached.len() == 1 { "" } else { "s" },
-            detached.join(", ")
+            detached
+                .iter()
+                .map(|function| format!(
+                    "{} ({:.0} calls/s, {})",
+                    function.name,
+                    function.hot.calls_per_second,
+                    cpu_per_second(function.hot.probe_ns_per_second)
+                ))
+                .collect::<Vec<_>>()
+                .join("; ")
         );
     }
     Ok(match ending {
@@ -343,47 +366,190 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Once a second, detaches the functions over the overhead budget.
-async fn watch_budget(
-    mut watch: BudgetWatch,
+/// What a probe hit costs here, measured (see [`crate::probe_cost`]), or
+/// the KVM guest's figures when that fails.
+fn probe_costs() -> ProbeCosts {
+    let measured = crate::attach::system::ensure_tracefs()
+        .map_err(|error| error.to_string())
+        .and_then(|tracefs| {
+            crate::probe_cost::measure(&tracefs).map_err(|error| error.to_string())
+        });
+    match measured {
+        Ok(costs) => {
+            tracing::info!(
+                "probe costs measured here for the overhead budget: {:.2} µs emulated, \
+                 {:.2} µs single-stepped, {:.2} µs a uretprobe's return",
+                costs.emulated_ns / 1e3,
+                costs.single_stepped_ns / 1e3,
+                costs.uretprobe_return_ns / 1e3,
+            );
+            costs
+        }
+        Err(error) => {
+            let costs = ProbeCosts::KVM_GUEST;
+            tracing::info!(
+                "could not measure what a probe costs here ({error}): the overhead budget \
+                 assumes a KVM guest's ({:.1} µs emulated, {:.1} µs single-stepped, {:.1} µs a \
+                 uretprobe's return)",
+                costs.emulated_ns / 1e3,
+                costs.single_stepped_ns / 1e3,
+                costs.uretprobe_return_ns / 1e3,
+            );
+            costs
+        }
+    }
+}
+
+/// A function the overhead budget detached.
+struct Dropped {
+    id: u32,
+    name: String,
+    hot: HotFunction,
+}
+
+/// What the budget's task works with.
+struct BudgetContext {
     probes: Arc<Mutex<Probes>>,
     counters: FunctionCounters,
     table: Arc<FunctionTable>,
-    detached: Arc<Mutex<Vec<String>>>,
-) {
+    detached: Arc<Mutex<Vec<Dropped>>>,
+    /// Functions on error paths still being recorded (never detached).
+    error_functions: Arc<Mutex<std::collections::HashSet<u32>>>,
+    /// `--binary`: every process running this file is traced.
+    all_processes_of: Option<PathBuf>,
+}
+
+impl BudgetContext {
+    fn name(&self, id: u32) -> String {
+        self.table
+            .get(id)
+            .map_or_else(|| format!("#{id}"), |function| function.name.clone())
+    }
+
+    fn cpu(&self) -> CpuSample {
+        let ids = lock(&self.probes).traced_ids();
+        CpuSample::read(&ids, self.all_processes_of.as_deref())
+    }
+}
+
+/// "12.3 ms of CPU a second", for a probe cost.
+fn cpu_per_second(ns_per_second: f64) -> String {
+    format!("≈{:.1} ms of CPU a second in probes", ns_per_second / 1e6)
+}
+
+/// Once a second, detaches the functions over the overhead budget. A
+/// function is taken as detached only once its probes are gone; one whose
+/// detach failed stays traced and is tried again, then given up on with one
+/// warning.
+async fn watch_budget(mut watch: BudgetWatch, context: BudgetContext) {
     let mut ticks = tokio::time::interval(Duration::from_secs(1));
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last = Instant::now();
     loop {
         ticks.tick().await;
         let now = Instant::now();
-        let hot = watch.check(counters.read(), now - last);
+        let cpu = context.cpu();
+        let pinned = lock(&context.error_functions).clone();
+        let (hot, verdict) = watch.check(context.counters.read(), cpu, now - last, &|id| {
+            pinned.contains(&id)
+        });
         last = now;
         if hot.is_empty() {
             continue;
         }
         let ids: Vec<u32> = hot.iter().map(|function| function.id).collect();
-        let result = tokio::task::block_in_place(|| lock(&probes).detach_functions(&ids));
-        if let Err(error) = result {
-            tracing::warn!("could not detach functions over the overhead budget: {error}");
-            continue;
+        // Marked first: a call in flight when its probes go is left out
+        // rather than closed later as unwound.
+        for &id in &ids {
+            context.counters.set_detached(id, true);
         }
-        for function in hot {
-            let name = table
-                .get(function.id)
-                .map_or_else(|| format!("#{}", function.id), |f| f.name.clone());
-            tracing::warn!(
-                "detached {name}: {:.0} calls/s, {:.0}% of them shorter than {} (mean {:.2} µs), \
-                 is over the overhead budget of {}: its probes cost the program more than its \
-                 work (--overhead-budget off keeps it)",
-                function.calls_per_second,
-                function.short_share * 100.0,
-                humantime::format_duration(watch.budget().mean_duration),
-                function.mean_ns / 1e3,
-                watch.budget(),
-            );
-            lock(&detached).push(name);
+        let result = tokio::task::block_in_place(|| lock(&context.probes).detach_functions(&ids));
+        let (still, gone): (Vec<&HotFunction>, Vec<&HotFunction>) = {
+            let probes = lock(&context.probes);
+            hot.iter()
+                .partition(|function| probes.is_attached(function.id))
+        };
+        let still_ids: Vec<u32> = still.iter().map(|function| function.id).collect();
+        for &id in &still_ids {
+            context.counters.set_detached(id, false);
         }
+        if let Err(error) = &result {
+            let given_up = watch.failed(&still_ids);
+            if !given_up.is_empty() {
+                let names: Vec<String> = given_up.iter().map(|&id| context.name(id)).collect();
+                tracing::warn!(
+                    "could not detach {} over the overhead budget ({error}), tried {} times: \
+                     {} stay{} traced",
+                    names.join(", "),
+                    crate::budget::DETACH_ATTEMPTS,
+                    if names.len() == 1 { "it" } else { "they" },
+                    if names.len() == 1 { "s" } else { "" },
+                );
+            } else if !still_ids.is_empty() {
+                tracing::info!(
+                    "could not detach {} function{} over the overhead budget ({error}); \
+                     trying again",
+                    still_ids.len(),
+                    if still_ids.len() == 1 { "" } else { "s" },
+                );
+            } else {
+                tracing::warn!("detaching functions over the overhead budget: {error}");
+            }
+        }
+        let gone_ids: Vec<u32> = gone.iter().map(|function| function.id).collect();
+        watch.detached(&gone_ids);
+        if let (Some(verdict), false) = (verdict, gone.is_empty()) {
+            report_verdict(verdict, watch.budget(), gone.len());
+        }
+        for function in gone {
+            let name = context.name(function.id);
+            report_detached(&name, function, watch.budget());
+            lock(&context.detached).push(Dropped {
+                id: function.id,
+                name,
+                hot: *function,
+            });
+        }
+    }
+}
+
+fn report_verdict(verdict: Verdict, budget: Budget, count: usize) {
+    let share = if verdict.probe_ns_per_second < verdict.cpu_ns_per_second {
+        format!("{:.1}% of their own work", verdict.slowdown * 100.0)
+    } else {
+        // The costs assumed are a KVM guest's; this machine's are lower, or
+        // its CPU time leaves out the VM exits of single-stepping.
+        "more than all of it".to_owned()
+    };
+    tracing::warn!(
+        "the probes took an estimated {:.1} ms of CPU a second from the traced processes, \
+         which used {:.1} ms a second in all: {share}, over the overhead budget of {budget}: \
+         detaching {count} function{} (≈{:.1}% after; --overhead-budget off keeps every \
+         function)",
+        verdict.probe_ns_per_second / 1e6,
+        verdict.cpu_ns_per_second / 1e6,
+        if count == 1 { "" } else { "s" },
+        verdict.slowdown_after * 100.0,
+    );
+}
+
+fn report_detached(name: &str, function: &HotFunction, budget: Budget) {
+    match budget {
+        Budget::Slowdown(_) => tracing::warn!(
+            "detached {name}: {:.0} calls/s of {:.2} µs, {}",
+            function.calls_per_second,
+            function.mean_ns / 1e3,
+            cpu_per_second(function.probe_ns_per_second),
+        ),
+        Budget::PerFunction { mean_duration, .. } => tracing::warn!(
+            "detached {name}: {:.0} calls/s, {:.0}% of them shorter than {} (mean {:.2} µs), \
+             is over the overhead budget of {budget}: its probes cost the program more than its \
+             work (--overhead-budget off keeps it)",
+            function.calls_per_second,
+            function.short_share * 100.0,
+            humantime::format_duration(mean_duration),
+            function.mean_ns / 1e3,
+        ),
     }
 }
 
@@ -456,6 +622,14 @@ fn report_summary(
             "{} calls not traced: thread table full",
             kernel.threads_full
         ));
+    }
+    if kernel.detached_in_flight > 0 {
+        let _ = write!(
+            line,
+            ", {} calls of detached functions in flight at their detach left out (never half \
+             recorded)",
+            kernel.detached_in_flight
+        );
     }
     if kernel.filtered > 0 {
         let _ = write!(

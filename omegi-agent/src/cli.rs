@@ -169,12 +169,20 @@ pub struct Cli {
     #[arg(long, default_value = "0", value_name = "DURATION")]
     pub min_duration: String,
 
-    /// Detach, while tracing, any function with more than CALLS calls a
-    /// second that each last less than DURATION (measured between its
-    /// probes): such a function costs the program more in probes than it
-    /// does in work. Each one is named in a warning and in the summary. 'off'
-    /// never detaches.
-    #[arg(long, default_value = "100000,1us", value_name = "CALLS,DURATION|off")]
+    /// Bound the traced program's slowdown: when the probes' estimated CPU
+    /// time (calls counted in the kernel × each probe kind's cost) is more
+    /// than PERCENT of the CPU time the traced processes spend on their own
+    /// work, detach, while tracing, the functions whose probes cost the most
+    /// for the least (many short calls) until it fits; checked every second.
+    /// Each one is named in a warning and in the summary. CALLS,DURATION is
+    /// the old per-function rule (detach a function with more than CALLS
+    /// calls a second shorter than DURATION); 'off' never detaches.
+    #[arg(
+        long,
+        env = "OMEGI_OVERHEAD_BUDGET",
+        default_value = crate::budget::DEFAULT,
+        value_name = "PERCENT|CALLS,DURATION|off"
+    )]
     pub overhead_budget: String,
 
     /// How function probes are linked to the kernel: uprobe_multi links

@@ -96,7 +96,8 @@ pub struct Config {
     pub kafka: KafkaOptions,
     /// Print a stats line on stderr this often.
     pub stats_interval: Option<Duration>,
-    /// `--overhead-budget`: functions too hot for their probes are detached.
+    /// `--overhead-budget`: the bound on the probes' cost, past which
+    /// functions are detached.
     pub budget: Option<Budget>,
     /// `--entry-at-first-instruction` (benchmarking probe placement).
     pub entry_at_first_instruction: bool,
@@ -112,10 +113,10 @@ impl Config {
         };
         let split_after = parse_duration("--split-after", &cli.split_after)?;
         let exporters = parse_exporters(&cli.exporter)?;
-        let budget = Budget::parse(&cli.overhead_budget).map_err(|expected| ConfigError {
-            name: "--overhead-budget",
+        let budget = Budget::parse(&cli.overhead_budget).map_err(|error| ConfigError {
+            name: "OMEGI_OVERHEAD_BUDGET (--overhead-budget)",
             value: cli.overhead_budget.clone(),
-            expected,
+            expected: error.to_string(),
         })?;
         let kernel = KernelOptions {
             split_after,
@@ -123,7 +124,7 @@ impl Config {
             ring_size: parse_ring_size(&cli.ring_size)?,
             debug_ebpf: cli.debug_ebpf,
             min_duration: parse_duration("--min-duration", &cli.min_duration)?,
-            budget_short: budget.map_or(Duration::ZERO, |budget| budget.mean_duration),
+            budget_short: budget.map_or(Duration::ZERO, |budget| budget.short_call()),
             thread_slots: parse_thread_slots(cli.thread_slots)?,
             attach_mode: cli.attach_mode,
             probe_lookup: cli.probe_lookup,

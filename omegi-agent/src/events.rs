@@ -68,6 +68,9 @@ pub struct KernelCounters {
     pub records_ring_full: u64,
     /// HTTP connections not followed: the kernel's table was full.
     pub connections_full: u64,
+    /// Calls of functions detached by the overhead budget, in flight at
+    /// their detach, left out (a choice, not a loss).
+    pub detached_in_flight: u64,
 }
 
 impl KernelCounters {
@@ -86,6 +89,7 @@ impl KernelCounters {
             filtered: sum(counter::FILTERED),
             records_ring_full: sum(counter::RECORDS_RING_FULL),
             connections_full: sum(counter::CONNECTIONS_FULL),
+            detached_in_flight: sum(counter::DETACHED_IN_FLIGHT),
         }
     }
 
@@ -132,13 +136,16 @@ pub struct Reader {
 }
 
 impl Reader {
-    /// Starts draining `maps.events` every `interval`.
+    /// Starts draining `maps.events` every `interval`. Once a second it
+    /// puts in `error_functions` the functions on error paths still being
+    /// recorded (see [`Assembler::functions_on_error_paths`]).
     pub fn start(
         mut maps: KernelMaps,
         mut assembler: Assembler,
         dispatcher: Dispatcher,
         stats: Arc<ReaderStats>,
         interval: Duration,
+        error_functions: Arc<std::sync::Mutex<std::collections::HashSet<u32>>>,
     ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = Arc::clone(&stop);
@@ -159,6 +166,10 @@ impl Reader {
                         for piece in assembler.sweep_idle(IDLE_PIECE_AFTER) {
                             hand_on(piece, &dispatcher, &stats);
                         }
+                        let on_error_paths = assembler.functions_on_error_paths();
+                        *error_functions
+                            .lock()
+                            .unwrap_or_else(|poisoned| poisoned.into_inner()) = on_error_paths;
                         last_sweep = Instant::now();
                     }
                     if last_round {

@@ -33,4 +33,5 @@ pub mod discovery;
 pub mod events;
 pub mod export;
 pub mod http;
+pub mod probe_cost;
 pub mod process;

@@ -106,6 +106,9 @@ pub mod span_flags {
     pub const HTTP_CLIENT: u32 = 32;
 }
 
+/// The most a call counts for in [`FunctionState::total_ns`]: 1 ms.
+pub const BUDGET_DURATION_CAP_NS: u64 = 1_000_000;
+
 /// What the kernel side keeps per traced function (the `FUNCTIONS` array,
 /// indexed by function id, which the agent maps into its memory): counts for
 /// the overhead budget, and the function's `--error-if` rule, so that
@@ -116,7 +119,10 @@ pub struct FunctionState {
     /// Calls that ended (kernel; plain increments, so two CPUs ending calls
     /// of the function at the same instant may lose one).
     pub calls: u64,
-    /// Their summed duration in ns (kernel).
+    /// Their summed duration in ns, each call counted for at most
+    /// [`BUDGET_DURATION_CAP_NS`] (kernel): one call preempted for 30 ms
+    /// would otherwise make a function of a hundred 5 µs calls look like
+    /// one that works 300 µs a call.
     pub total_ns: u64,
     /// Those shorter than `BUDGET_SHORT_NS` (kernel).
     pub short_calls: u64,
@@ -128,6 +134,13 @@ pub struct FunctionState {
     /// value reads 32 (agent).
     pub rule_bits: u32,
     pub rule_value: i64,
+    /// 1 once the overhead budget is detaching the function (agent, before
+    /// its probes go): a call of it that was in flight, whose exit probe is
+    /// gone, would otherwise be closed later as unwound, a false error path.
+    /// Such a call is left out unless the thread is really unwinding
+    /// (counted as [`counter::DETACHED_IN_FLIGHT`]).
+    pub detached: u32,
+    pub _reserved: u32,
 }
 
 /// Comparison operators of a [`FunctionState`] rule.
@@ -496,6 +509,10 @@ pub mod counter {
     pub const RECORDS_RING_FULL: u32 = 5;
     /// HTTP connections not followed: the connection table was full.
     pub const CONNECTIONS_FULL: u32 = 6;
+    /// Calls of functions the overhead budget detached that were in flight
+    /// at their detach and not seen to return: left out, never half
+    /// recorded (a choice, not a loss).
+    pub const DETACHED_IN_FLIGHT: u32 = 7;
     /// Number of counters.
     pub const COUNT: u32 = 8;
 }

@@ -7,7 +7,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use omegi_common::{
-    counter, end_reason, event_kind, span_flags, Frame, SpanEvent, ThreadStack, MAX_DEPTH,
+    counter, end_reason, event_kind, span_flags, Frame, SpanEvent, ThreadStack,
+    BUDGET_DURATION_CAP_NS, MAX_DEPTH,
 };
 
 use crate::{
@@ -221,9 +222,23 @@ fn end_call(
         // budget can afford, and a locked add on a shared line is not free.
         let function = unsafe { &mut *function };
         function.calls += 1;
-        function.total_ns += duration;
+        function.total_ns += if duration < BUDGET_DURATION_CAP_NS {
+            duration
+        } else {
+            BUDGET_DURATION_CAP_NS
+        };
         if duration < BUDGET_SHORT_NS.load() {
             function.short_calls += 1;
+        }
+        // Its exit probes are gone: a frame left open at its detach is
+        // closed by evidence later, and would look unwound. Left out, unless
+        // the thread really is unwinding (the error path is kept whole).
+        if function.detached != 0
+            && !matches!(reason, end_reason::RETURNED | end_reason::TAIL_CALL)
+            && stack.unwinding == 0
+        {
+            count(counter::DETACHED_IN_FLIGHT);
+            return;
         }
     }
     let min_duration = MIN_DURATION_NS.load();

@@ -40,6 +40,27 @@ fn printed_counts(stdout: &str) -> HashMap<&str, u64> {
         .collect()
 }
 
+/// The functions the summary says the overhead budget detached: `N
+/// functions detached by the overhead budget (--overhead-budget): NAME (RATE
+/// calls/s, COST); NAME (…)`, with the rate of each.
+fn detached_in_summary(stderr: &str) -> Option<Vec<(String, f64)>> {
+    let (_, list) = stderr.lines().find_map(|line| {
+        line.split_once("detached by the overhead budget (--overhead-budget): ")
+    })?;
+    Some(
+        list.split("; ")
+            .map(|entry| {
+                let (name, details) = entry.rsplit_once(" (").expect("NAME (RATE calls/s, COST)");
+                let rate = details
+                    .split_once(" calls/s")
+                    .and_then(|(rate, _)| rate.parse().ok())
+                    .unwrap_or_else(|| panic!("no rate in {entry}"));
+                (name.to_owned(), rate)
+            })
+            .collect(),
+    )
+}
+
 fn by_name(spans: &[SpanRecord]) -> HashMap<&str, Vec<&SpanRecord>> {
     let mut names: HashMap<&str, Vec<&SpanRecord>> = HashMap::new();
     for span in spans {
@@ -169,10 +190,21 @@ fn the_overhead_budget_detaches_a_hot_function_and_keeps_the_others() {
             "{mode}: {}",
             traced.stderr
         );
+        let detached = detached_in_summary(&traced.stderr)
+            .unwrap_or_else(|| panic!("{mode}: nothing detached: {}", traced.stderr));
+        assert_eq!(
+            detached
+                .iter()
+                .map(|(name, _)| name.as_str())
+                .collect::<Vec<_>>(),
+            vec!["hot"],
+            "{mode}: {}",
+            traced.stderr
+        );
         assert!(
             traced
                 .stderr
-                .contains("1 function detached by the overhead budget (--overhead-budget): hot"),
+                .contains("1 function detached by the overhead budget (--overhead-budget): hot ("),
             "{mode}: {}",
             traced.stderr
         );
@@ -359,15 +391,11 @@ fn the_overhead_budget_detaches_hot_functions_of_a_thousand_and_keeps_the_others
         let spans_of = |name: &str| names.get(name).map_or(0, Vec::len) as u64;
 
         // The hot groups, and only they, are detached, each before the end.
-        let detached = traced
-            .stderr
-            .lines()
-            .find_map(|line| {
-                let (_, names) =
-                    line.split_once("detached by the overhead budget (--overhead-budget): ")?;
-                Some(names.split(", ").map(str::to_owned).collect::<Vec<_>>())
-            })
-            .unwrap_or_else(|| panic!("{mode}: nothing detached: {}", traced.stderr));
+        let detached: Vec<String> = detached_in_summary(&traced.stderr)
+            .unwrap_or_else(|| panic!("{mode}: nothing detached: {}", traced.stderr))
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
         let mut hot_names: Vec<String> = (0..HOT_GROUPS)
             .flat_map(|group| ["leaf", "mid", "tail"].map(|kind| name(kind, group)))
             .collect();
@@ -406,4 +434,93 @@ fn the_overhead_budget_detaches_hot_functions_of_a_thousand_and_keeps_the_others
         assert_eq!(names["main"][0].end(), "returned", "{mode}: main");
         assert!(!traced.stderr.contains("dropped:"), "{}", traced.stderr);
     }
+}
+
+/// Issue 14, item 1: the global budget. `many_tiny.c` has 300 tiny functions
+/// each called a few thousand times a second at most (the old per-function
+/// rule, 100,000 calls/s, never fires) whose probes together cost the
+/// program many times its own work; at the default budget (5% of the
+/// program's CPU time) most of them are detached, the program runs to its
+/// end, the summary names them with their rates, and their spans stop:
+/// those recorded ended by a return, none half-recorded.
+#[test]
+fn the_global_budget_detaches_many_modest_functions_that_add_up() {
+    let exe = fixtures::build("c/many_tiny.c", Linking::Pie);
+    let plain = run::untraced(&exe, &[] as &[&str]);
+    assert_eq!(plain.status.code(), Some(0));
+    const TINY: usize = 300;
+    const ROUNDS: u64 = 1500;
+
+    // The default budget, said once at the start of the warnings.
+    let traced = trace_verbose(&exe, &["--split-after", "0"]);
+    assert_eq!(traced.status.code(), Some(0), "{}", traced.stderr);
+    assert_eq!(
+        traced.stdout.as_bytes(),
+        plain.stdout.as_slice(),
+        "the program's output"
+    );
+    assert!(
+        traced
+            .stderr
+            .contains("over the overhead budget of 5%: detaching "),
+        "{}",
+        traced.stderr
+    );
+    assert!(
+        !traced.stderr.contains("could not detach"),
+        "{}",
+        traced.stderr
+    );
+    let detached = detached_in_summary(&traced.stderr)
+        .unwrap_or_else(|| panic!("nothing detached: {}", traced.stderr));
+    // Most of them: a few may fit in the budget.
+    assert!(
+        detached.len() >= TINY / 2,
+        "{} detached: {}",
+        detached.len(),
+        traced.stderr
+    );
+    for (name, rate) in &detached {
+        assert!(
+            name.starts_with("tiny_"),
+            "{name} detached: {}",
+            traced.stderr
+        );
+        // The per-function rule would have kept every one.
+        assert!(*rate < 100_000.0, "{name} at {rate} calls/s");
+        // Named once in a warning, with its rate and cost.
+        let warnings = traced
+            .stderr
+            .lines()
+            .filter(|line| line.contains(&format!("warning: detached {name}: ")))
+            .count();
+        assert_eq!(warnings, 1, "{name}: {}", traced.stderr);
+    }
+
+    let names = by_name(&traced.spans);
+    let spans_of = |name: &str| names.get(name).map_or(0, Vec::len) as u64;
+    let counts = printed_counts(&traced.stdout);
+    assert_eq!(counts["tiny"], 2 * ROUNDS * TINY as u64);
+    for (name, _) in &detached {
+        // Each is called twice a round; its spans stopped before the end.
+        assert!(
+            spans_of(name) < 2 * ROUNDS,
+            "{name}: {} spans, still traced to the end",
+            spans_of(name)
+        );
+        // None half-recorded: a call in flight at the detach is left out,
+        // not closed later as unwound.
+        for span in names.get(name.as_str()).into_iter().flatten() {
+            assert_eq!(span.end(), "returned", "{name}: {span:?}");
+        }
+    }
+    // What costs little for its work stays, every call seen once.
+    assert_eq!(spans_of("cold"), counts["cold"], "cold");
+    assert_eq!(spans_of("main"), 1, "main");
+    assert_eq!(names["main"][0].end(), "returned", "main");
+    assert!(
+        !traced.spans.iter().any(SpanRecord::is_error),
+        "no error path"
+    );
+    assert!(!traced.stderr.contains("dropped:"), "{}", traced.stderr);
 }

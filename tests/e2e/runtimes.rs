@@ -209,7 +209,10 @@ fn ocaml_is_traced_without_uretprobes_and_unharmed() {
         let line = refused(agent_command(&["--return-probes", "uretprobe", "--", path]));
         assert!(line.contains("walks its own stack (OCaml, GHC)"), "{line}");
 
-        let traced = agent().trace(&exe, &[] as &[&str], &[]);
+        // Every call is counted below: the overhead budget (default 5%)
+        // would rightly detach the recursive `build` (41,000 calls, each
+        // paying a single-stepped `ret`) when the run lasts over a second.
+        let traced = agent().trace(&exe, &[] as &[&str], &["--overhead-budget", "off"]);
         let plain = run::untraced(&exe, &[] as &[&str]);
         assert_eq!(
             traced.status.code(),

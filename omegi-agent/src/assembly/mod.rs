@@ -602,6 +602,33 @@ impl Assembler {
         traces
     }
 
+    /// The functions of the spans already recorded in traces an error
+    /// touched that have not gone out yet: the overhead budget leaves them
+    /// attached, so that such a trace is not cut short by their detach.
+    pub fn functions_on_error_paths(&self) -> std::collections::HashSet<u32> {
+        let keys = self.trace_errors.keys().chain(
+            self.thread_errors
+                .values()
+                .flat_map(|error| error.touched.iter()),
+        );
+        let mut functions = std::collections::HashSet::new();
+        for key in keys {
+            if let Some(trace) = self.pending.get(key) {
+                functions.extend(trace.spans.iter().map(|span| span.fn_id));
+            }
+        }
+        for trace in self.pending.values() {
+            if trace
+                .spans
+                .iter()
+                .any(|span| matches!(span.status, Status::Error(_)))
+            {
+                functions.extend(trace.spans.iter().map(|span| span.fn_id));
+            }
+        }
+        functions
+    }
+
     /// Number of traces waiting for their root.
     pub fn pending_traces(&self) -> usize {
         self.pending.len()
@@ -1039,6 +1066,25 @@ mod tests {
         );
         assert!(matches!(trace.spans[0].status, Status::Error(_)));
         assert_eq!(trace.spans[1].status, Status::Unset);
+    }
+
+    #[test]
+    fn functions_of_an_error_trace_still_recording_are_on_error_paths() {
+        let rule = ReturnRule::parse("parse_*:ret<0").unwrap();
+        let mut a = Assembler::new(Clock::with_offset(0), 100, 1, HashMap::from([(2, rule)]));
+        // Trace 1: its call of 3 returned fine, then 2 failed; the root runs.
+        a.on_span(&event(3, 1, 1, 12, 15));
+        let mut failing = event(2, 1, 1, 20, 30);
+        failing.ret = u64::from(u32::MAX);
+        a.on_span(&failing);
+        // Trace 5: nothing wrong.
+        a.on_span(&event(6, 5, 5, 50, 60));
+        let mut on_paths: Vec<u32> = a.functions_on_error_paths().into_iter().collect();
+        on_paths.sort_unstable();
+        assert_eq!(on_paths, vec![2, 3]);
+        // Once the trace has gone out, nothing is held.
+        one(a.on_span(&event(1, 0, 1, 10, 40)));
+        assert!(a.functions_on_error_paths().is_empty());
     }
 
     #[test]

@@ -108,6 +108,23 @@ impl FunctionCounters {
     }
 }
 
+impl FunctionCounters {
+    /// Marks function `id` as being detached by the overhead budget (or,
+    /// `false`, not: its detach failed), see
+    /// [`FunctionState::detached`](omegi_common::FunctionState::detached).
+    pub fn set_detached(&self, id: u32, detached: bool) {
+        let index = id as usize;
+        if index >= self.count {
+            return;
+        }
+        // SAFETY: in bounds; the kernel only reads this field.
+        unsafe {
+            let entry = self.base.as_ptr().add(index);
+            std::ptr::write_volatile(&raw mut (*entry).detached, u32::from(detached));
+        }
+    }
+}
+
 impl Drop for FunctionCounters {
     fn drop(&mut self) {
         // SAFETY: the mapping made in `map`, unmapped once.

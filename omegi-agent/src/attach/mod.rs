@@ -802,6 +802,12 @@ impl Probes {
     /// a new generation, which takes over atomically before the old links
     /// close, so no call of theirs is missed or seen twice. Returns how many
     /// functions were detached.
+    ///
+    /// On an error, [`is_attached`](Self::is_attached) says which functions
+    /// are still linked: with multi links nothing changed (all of `ids`
+    /// stay traced); with one link per probe, aya takes a link out of its
+    /// table before removing it, so every link of `ids` is gone even when
+    /// removing one failed (every one is tried).
     pub fn detach_functions(&mut self, ids: &[u32]) -> Result<usize, AttachError> {
         let before = self.attached.len();
         let remaining: Vec<FunctionProbes> = self
@@ -814,7 +820,7 @@ impl Probes {
             return Ok(0);
         }
         match &mut self.links {
-            FunctionLinks::None => return Ok(0),
+            FunctionLinks::None => Ok(0),
             FunctionLinks::Multi {
                 target,
                 generation,
@@ -840,6 +846,9 @@ impl Probes {
                 *generation = next;
                 // The old links close here; their probes no longer run.
                 *links = new_links;
+                let detached = before - remaining.len();
+                self.attached = remaining;
+                Ok(detached)
             }
             FunctionLinks::Single(links) => {
                 let ebpf = self
@@ -854,18 +863,44 @@ impl Probes {
                 // waits a grace period, and a function whose exits went
                 // first would go on being entered, unmatched, meanwhile.
                 going.sort_by_key(|(_, program, _)| *program != entry);
+                // Every link is tried: one that fails has still been taken
+                // out of aya's table (and its descriptor closed), so the
+                // function is gone either way; the first error is said.
+                let mut first_error = None;
                 for (_, program, link) in going {
-                    let probe: &mut UProbe = program_mut(ebpf, program)?;
-                    probe.detach(link).map_err(|source| AttachError::Program {
-                        name: program,
-                        source,
-                    })?;
+                    let result = program_mut(ebpf, program).and_then(|probe: &mut UProbe| {
+                        probe.detach(link).map_err(|source| AttachError::Program {
+                            name: program,
+                            source,
+                        })
+                    });
+                    if let Err(error) = result {
+                        first_error.get_or_insert(error);
+                    }
+                }
+                let detached = before - remaining.len();
+                self.attached = remaining;
+                match first_error {
+                    Some(error) => Err(error),
+                    None => Ok(detached),
                 }
             }
         }
-        let detached = before - remaining.len();
-        self.attached = remaining;
-        Ok(detached)
+    }
+
+    /// Whether function `id` still has probes linked.
+    pub fn is_attached(&self, id: u32) -> bool {
+        self.attached.iter().any(|function| function.id == id)
+    }
+
+    /// The process and thread ids traced by id (`TGIDS`; `--binary` is
+    /// every process of the binary instead).
+    pub fn traced_ids(&self) -> Vec<u32> {
+        self.tgids
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|&id| id != ALL_PROCESSES_KEY)
+            .collect()
     }
 
     /// Puts probes on the language runtime's throw, panic and catch points,

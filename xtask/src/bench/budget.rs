@@ -19,7 +19,8 @@ impl Bench {
         let untraced = plain.fields.num("loop_ns");
         for (name, budget) in [
             ("--overhead-budget off", "off"),
-            ("--overhead-budget 100000,1us (default)", "100000,1us"),
+            ("--overhead-budget 5% (default)", "5%"),
+            ("--overhead-budget 100000,1us (per function)", "100000,1us"),
         ] {
             let mut command = Command::new(&self.agent);
             command
