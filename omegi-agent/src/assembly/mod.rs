@@ -1070,7 +1070,11 @@ mod tests {
 
     #[test]
     fn functions_of_an_error_trace_still_recording_are_on_error_paths() {
-        let rule = ReturnRule::parse("parse_*:ret<0").unwrap();
+        let rule = ReturnRule::parse("parse_*:ret<0")
+            .unwrap()
+            .apply(|| unreachable!())
+            .unwrap()
+            .unwrap();
         let mut a = Assembler::new(Clock::with_offset(0), 100, 1, HashMap::from([(2, rule)]));
         // Trace 1: its call of 3 returned fine, then 2 failed; the root runs.
         a.on_span(&event(3, 1, 1, 12, 15));
