@@ -193,7 +193,7 @@ pub(super) fn markdown(md: &mut String, rows: &[HttpRow]) {
         md,
         "\n## HTTP server throughput\n\nThe tests' C `http_server` (a thread per connection, \
          keep-alive, `-O2 -g`) under `wrk -t1 -c4` for `GET /hello`; omegi attached by `--pid` \
-         (its 4 handler functions traced). Medians of interleaved runs. The gap between the \
+         (all 9 of its functions traced). Medians of interleaved runs. The gap between the \
          two traced rows is what following HTTP on the sockets costs (the goal: a few \
          percent).\n\n| configuration | requests/s | of untraced | spans |\n|---|---:|---:|---:|"
     );
