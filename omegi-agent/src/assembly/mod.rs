@@ -53,6 +53,10 @@ pub const IDLE_PIECE_AFTER: Duration = Duration::from_secs(5);
 /// this long.
 pub const ERROR_PIECE_AFTER: Duration = Duration::from_secs(1);
 
+/// The caller's context of a request whose trace has no spans yet is
+/// forgotten after this long (its SERVER span was lost).
+pub const REMOTE_CONTEXT_KEPT: Duration = Duration::from_secs(600);
+
 /// An error in flight with nothing new for this long is ended as it stands.
 pub const ERROR_SETTLE_AFTER: Duration = Duration::from_secs(2);
 
@@ -273,8 +277,9 @@ pub struct Assembler {
     last_exception: HashMap<u32, (String, String)>,
     /// The bytes of HTTP requests in flight.
     http: Messages,
-    /// The caller's context of each trace (by key) that continues one.
-    remote: HashMap<u64, TraceParent>,
+    /// The caller's context of each trace (by key) that continues one, and
+    /// when it came.
+    remote: HashMap<u64, (TraceParent, Instant)>,
 }
 
 impl Assembler {
@@ -311,7 +316,7 @@ impl Assembler {
     pub fn on_http(&mut self, event: &HttpEvent) {
         if let Some(parent) = self.http.on_event(event) {
             // A server span's id is its trace's key.
-            self.remote.insert(event.span_id, parent);
+            self.remote.insert(event.span_id, (parent, Instant::now()));
         }
     }
 
@@ -319,7 +324,7 @@ impl Assembler {
     fn trace_id_for(&self, trace_key: u64) -> u128 {
         self.remote
             .get(&trace_key)
-            .map_or_else(new_trace_id, |parent| parent.trace_id)
+            .map_or_else(new_trace_id, |(parent, _)| parent.trace_id)
     }
 
     /// Takes one ended call; returns the traces (or pieces) that are ready.
@@ -531,6 +536,13 @@ impl Assembler {
     /// settled.
     pub fn sweep_idle(&mut self, idle: Duration) -> Vec<Trace> {
         let now = Instant::now();
+        // A request whose SERVER span never came (lost in a full ring
+        // buffer) must not keep its context for good; one still being
+        // answered by calls keeps it while they run.
+        let pending = &self.pending;
+        self.remote.retain(|key, (_, since)| {
+            now.duration_since(*since) < REMOTE_CONTEXT_KEPT || pending.contains_key(key)
+        });
         let settled: Vec<u32> = self
             .thread_errors
             .iter()
