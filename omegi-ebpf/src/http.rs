@@ -307,47 +307,44 @@ fn on_bytes(io: &PendingIo, moved: u64, tid: u32) {
     let key = (u64::from(tgid) << 32) | u64::from(io.fd);
     let now = unsafe { bpf_ktime_get_ns() };
     let start = first_bytes(io.buf, len);
-    match CONNECTIONS.get_ptr_mut(&key) {
-        Some(connection) => {
-            let connection = unsafe { &mut *connection };
-            if connection.role == ROLE_SERVER {
-                on_server_bytes(connection, io, len, start, tgid, tid, now);
-            } else {
-                on_client_bytes(connection, io, len, start, tgid, tid, now);
-            }
-        }
-        None => {
-            let role = if is_request_line(start) {
-                if io.write == 0 {
-                    ROLE_SERVER
-                } else {
-                    ROLE_CLIENT
-                }
-            } else {
-                return;
-            };
-            let mut connection = Connection {
-                role,
-                ..Default::default()
-            };
-            if !tcp_endpoints(io.fd, &mut connection) {
-                return;
-            }
-            if CONNECTIONS.insert(&key, &connection, 0).is_err() {
-                count(counter::CONNECTIONS_FULL);
-                return;
-            }
-            let Some(connection) = CONNECTIONS.get_ptr_mut(&key) else {
-                return;
-            };
-            let connection = unsafe { &mut *connection };
-            if role == ROLE_SERVER {
-                on_server_bytes(connection, io, len, start, tgid, tid, now);
-            } else {
-                on_client_bytes(connection, io, len, start, tgid, tid, now);
-            }
-        }
+    let Some(connection) = connection(key, io, start) else {
+        return;
+    };
+    if connection.role == ROLE_SERVER {
+        on_server_bytes(connection, io, len, start, tgid, tid, now);
+    } else {
+        on_client_bytes(connection, io, len, start, tgid, tid, now);
     }
+}
+
+/// The connection `key`, learnt now if its first bytes (`start`) are a
+/// request line on a TCP socket.
+#[inline(always)]
+fn connection(key: u64, io: &PendingIo, start: u64) -> Option<&'static mut Connection> {
+    if let Some(known) = CONNECTIONS.get_ptr_mut(&key) {
+        return Some(unsafe { &mut *known });
+    }
+    if !is_request_line(start) {
+        return None;
+    }
+    let mut connection = Connection {
+        role: if io.write == 0 {
+            ROLE_SERVER
+        } else {
+            ROLE_CLIENT
+        },
+        ..Default::default()
+    };
+    if !tcp_endpoints(io.fd, &mut connection) {
+        return None;
+    }
+    if CONNECTIONS.insert(&key, &connection, 0).is_err() {
+        count(counter::CONNECTIONS_FULL);
+        return None;
+    }
+    CONNECTIONS
+        .get_ptr_mut(&key)
+        .map(|connection| unsafe { &mut *connection })
 }
 
 #[inline(always)]
