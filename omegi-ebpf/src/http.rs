@@ -72,6 +72,10 @@ struct PendingIo {
     fd: u32,
     /// 1 for a write.
     write: u32,
+    /// The process: a thread id reused by another process after a thread
+    /// died in a syscall must not find the dead one's entry.
+    tgid: u32,
+    _pad: u32,
     buf: u64,
     /// The buffer's size (an iovec's length; `u64::MAX` for a plain buffer,
     /// whose size the byte count bounds).
@@ -182,14 +186,15 @@ pub fn omegi_io_sendmsg(ctx: TracePointContext) -> u32 {
 /// The exit of every syscall above.
 #[tracepoint]
 pub fn omegi_io_exit(ctx: TracePointContext) -> u32 {
-    let tid = bpf_get_current_pid_tgid() as u32;
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (tgid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
     let Some(io) = (unsafe { PENDING_IO.get(&tid) }).copied() else {
         return 0;
     };
     let _ = PENDING_IO.remove(&tid);
     let moved: i64 = unsafe { ctx.read_at(RET) }.unwrap_or(0);
-    if moved > 0 {
-        on_bytes(&io, moved as u64, tid);
+    if moved > 0 && io.tgid == tgid {
+        on_bytes(&io, moved as u64, tgid, tid);
     }
     0
 }
@@ -257,7 +262,7 @@ fn http_thread() -> Option<(u32, u32)> {
 
 #[inline(always)]
 fn on_enter_buffer(ctx: &TracePointContext, write: u32) {
-    let Some((_, tid)) = http_thread() else {
+    let Some((tgid, tid)) = http_thread() else {
         return;
     };
     let fd: u64 = unsafe { ctx.read_at(ARG0) }.unwrap_or(u64::MAX);
@@ -265,6 +270,8 @@ fn on_enter_buffer(ctx: &TracePointContext, write: u32) {
     let io = PendingIo {
         fd: fd as u32,
         write,
+        tgid,
+        _pad: 0,
         buf,
         size: u64::MAX,
     };
@@ -275,7 +282,7 @@ fn on_enter_buffer(ctx: &TracePointContext, write: u32) {
 /// `recvmsg`/`sendmsg` a `struct user_msghdr`, whose `msg_iov` is at 16.
 #[inline(always)]
 fn on_enter_iovec(ctx: &TracePointContext, write: u32, msghdr: bool) {
-    let Some((_, tid)) = http_thread() else {
+    let Some((tgid, tid)) = http_thread() else {
         return;
     };
     let fd: u64 = unsafe { ctx.read_at(ARG0) }.unwrap_or(u64::MAX);
@@ -292,6 +299,8 @@ fn on_enter_iovec(ctx: &TracePointContext, write: u32, msghdr: bool) {
     let io = PendingIo {
         fd: fd as u32,
         write,
+        tgid,
+        _pad: 0,
         buf: first[0],
         size: first[1],
     };
@@ -300,9 +309,7 @@ fn on_enter_iovec(ctx: &TracePointContext, write: u32, msghdr: bool) {
 
 /// `moved` bytes went through `io`'s buffer.
 #[inline(always)]
-fn on_bytes(io: &PendingIo, moved: u64, tid: u32) {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
+fn on_bytes(io: &PendingIo, moved: u64, tgid: u32, tid: u32) {
     let len = if moved < io.size { moved } else { io.size };
     let key = (u64::from(tgid) << 32) | u64::from(io.fd);
     let now = unsafe { bpf_ktime_get_ns() };
