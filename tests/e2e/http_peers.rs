@@ -510,3 +510,27 @@ fn two_clients_at_once_on_threaded_servers() {
         assert!(finished.stderr.contains("http_server: 2 connections"));
     }
 }
+
+/// A request that cannot connect: the client goes on, exits 1, and its
+/// CLIENT span is an ERROR.
+#[test]
+fn python_client_connection_refused() {
+    // A port that was free a moment ago.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = PythonPeer::server_for(0, 1);
+    let urls = vec![
+        format!("http://127.0.0.1:{port}/nobody"),
+        server.url("/hello"),
+    ];
+    let (status, spans, stderr) = PythonPeer::try_run_client(&urls);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    let calls = client_spans(&spans, &urls);
+    assert_eq!(calls[0].status, "ERROR", "{:?}", calls[0]);
+    assert_eq!(calls[0].attr_i64("http.response.status_code"), None);
+    assert_client_status(&calls[1], 200);
+    assert!(server.wait().status.success());
+}
