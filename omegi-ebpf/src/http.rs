@@ -122,8 +122,8 @@ struct Connection {
     request_span_id: u64,
     request_tid: u32,
     _pad: u32,
-    /// Server, Go programs only: when the request was read (their requests
-    /// are kept here, not in a thread's stack: see `on_go_server_bytes`).
+    /// Server: when the request was read (a Go program's requests are kept
+    /// here alone: see `start_request`).
     request_start_ns: u64,
     client: ClientCall,
     local: Endpoint,
@@ -202,7 +202,7 @@ pub fn omegi_io_exit(ctx: TracePointContext) -> u32 {
 /// `close` (fd): a request or call still open on it ends.
 #[tracepoint]
 pub fn omegi_io_close(ctx: TracePointContext) -> u32 {
-    let Some((tgid, _)) = http_thread() else {
+    let Some((tgid, tid)) = http_thread() else {
         return 0;
     };
     let fd: u64 = unsafe { ctx.read_at(ARG0) }.unwrap_or(u64::MAX);
@@ -212,26 +212,9 @@ pub fn omegi_io_close(ctx: TracePointContext) -> u32 {
     };
     let connection = unsafe { &mut *connection };
     let now = unsafe { bpf_ktime_get_ns() };
-    if connection.role == ROLE_SERVER
-        && connection.request_span_id != 0
-        && crate::goroutine::enabled()
-    {
-        emit_server(
-            tgid,
-            connection.request_tid,
-            connection.request_span_id,
-            connection.request_start_ns,
-            now,
-            end_reason::NOT_ANSWERED,
-            0,
-            fd as u32,
-        );
-    } else if connection.role == ROLE_SERVER && connection.request_span_id != 0 {
-        if let Some(stack) = stack::thread_stack(connection.request_tid) {
-            if stack.request.span_id == connection.request_span_id {
-                emit_request(stack, now, connection.request_tid, end_reason::NOT_ANSWERED);
-            }
-        }
+    if connection.role == ROLE_SERVER && connection.request_span_id != 0 {
+        let span_id = connection.request_span_id;
+        end_request(connection, span_id, fd as u32, tgid, tid, now, end_reason::NOT_ANSWERED);
     }
     if connection.role == ROLE_CLIENT && connection.client.span_id != 0 {
         let call = connection.client;
@@ -364,10 +347,6 @@ fn on_server_bytes(
     tid: u32,
     now: u64,
 ) {
-    if crate::goroutine::enabled() {
-        on_go_server_bytes(connection, io, len, start, tgid, tid, now);
-        return;
-    }
     if io.write == 0 {
         if connection.request_span_id != 0 {
             // More of the request (its head split over reads, or its body).
@@ -377,28 +356,12 @@ fn on_server_bytes(
         if !is_request_line(start) {
             return;
         }
-        let stack = match stack::thread_stack(tid) {
-            Some(stack) => stack,
-            None => match stack::new_thread_stack(tgid, tid) {
-                Some(stack) => stack,
-                None => {
-                    count(counter::THREADS_FULL);
-                    return;
-                }
-            },
+        let Some(span_id) = start_request(io, tgid, tid, now) else {
+            return;
         };
-        if stack.request.span_id != 0 {
-            // An event loop moved on to another request unanswered.
-            emit_request(stack, now, tid, end_reason::NOT_ANSWERED);
-        }
-        let span_id = stack::next_span_id(stack);
-        stack.request.span_id = span_id;
-        stack.request.start_ns = now;
-        stack.request.responded_ns = 0;
-        stack.request.depth = stack.depth;
-        stack.request.fd = io.fd;
         connection.request_span_id = span_id;
         connection.request_tid = tid;
+        connection.request_start_ns = now;
         connection.copied = 0;
         send_chunks(connection, io, len, http_part::SERVER_REQUEST, span_id, tgid, tid);
         return;
@@ -412,66 +375,77 @@ fn on_server_bytes(
     connection.request_span_id = 0;
     connection.copied = HTTP_MAX_COPY - HTTP_RESPONSE_COPY;
     send_chunks(connection, io, len, http_part::SERVER_RESPONSE, span_id, tgid, tid);
+    end_request(connection, span_id, io.fd, tgid, tid, now, end_reason::RETURNED);
+}
+
+/// A request line was read on thread `tid`: the new request's span id.
+///
+/// The request lives in the reading thread's stack, so that the calls the
+/// thread makes answering it are its children. Not in a Go program:
+/// goroutines run on any thread and move between them, so there the request
+/// lives in its connection alone and has no children (the goroutine that
+/// answers it is not known here).
+#[inline(always)]
+fn start_request(io: &PendingIo, tgid: u32, tid: u32, now: u64) -> Option<u64> {
+    if crate::goroutine::enabled() {
+        return Some(stack::random_id());
+    }
+    let stack = match stack::thread_stack(tid) {
+        Some(stack) => stack,
+        None => match stack::new_thread_stack(tgid, tid) {
+            Some(stack) => stack,
+            None => {
+                count(counter::THREADS_FULL);
+                return None;
+            }
+        },
+    };
+    if stack.request.span_id != 0 {
+        // An event loop moved on to another request unanswered.
+        emit_request(stack, now, tid, end_reason::NOT_ANSWERED);
+    }
+    let span_id = stack::next_span_id(stack);
+    stack.request.span_id = span_id;
+    stack.request.start_ns = now;
+    stack.request.responded_ns = 0;
+    stack.request.depth = stack.depth;
+    stack.request.fd = io.fd;
+    Some(span_id)
+}
+
+/// The connection's request `span_id` was answered (`RETURNED`, by thread
+/// `tid`) or given up (`NOT_ANSWERED`: the connection closed). One answered
+/// on the thread that read it ends once the calls under it have returned
+/// (`frame_left`); otherwise it ends now.
+#[inline(always)]
+fn end_request(
+    connection: &Connection,
+    span_id: u64,
+    fd: u32,
+    tgid: u32,
+    tid: u32,
+    now: u64,
+    reason: u32,
+) {
     let reader = connection.request_tid;
+    if crate::goroutine::enabled() {
+        emit_server(tgid, reader, span_id, connection.request_start_ns, now, reason, 0, fd);
+        return;
+    }
     let Some(stack) = stack::thread_stack(reader) else {
         return;
     };
     if stack.request.span_id != span_id {
         return;
     }
+    if reason != end_reason::RETURNED {
+        emit_request(stack, now, reader, reason);
+        return;
+    }
     stack.request.responded_ns = now;
     if stack.depth <= stack.request.depth || reader != tid {
         emit_request(stack, now, reader, end_reason::RETURNED);
     }
-}
-
-/// A Go server: goroutines run on any thread and move between them, so a
-/// request cannot live in the reading thread's stack. It lives in its
-/// connection, from the first bytes read to the first bytes written, and has
-/// no children (the goroutine that answers it is not known here).
-#[inline(always)]
-fn on_go_server_bytes(
-    connection: &mut Connection,
-    io: &PendingIo,
-    len: u64,
-    start: u64,
-    tgid: u32,
-    tid: u32,
-    now: u64,
-) {
-    if io.write == 0 {
-        if connection.request_span_id != 0 {
-            send_chunks(connection, io, len, http_part::SERVER_REQUEST, connection.request_span_id, tgid, tid);
-            return;
-        }
-        if !is_request_line(start) {
-            return;
-        }
-        let span_id = stack::random_id();
-        connection.request_span_id = span_id;
-        connection.request_tid = tid;
-        connection.request_start_ns = now;
-        connection.copied = 0;
-        send_chunks(connection, io, len, http_part::SERVER_REQUEST, span_id, tgid, tid);
-        return;
-    }
-    if connection.request_span_id == 0 {
-        return;
-    }
-    let span_id = connection.request_span_id;
-    connection.request_span_id = 0;
-    connection.copied = HTTP_MAX_COPY - HTTP_RESPONSE_COPY;
-    send_chunks(connection, io, len, http_part::SERVER_RESPONSE, span_id, tgid, tid);
-    emit_server(
-        tgid,
-        connection.request_tid,
-        span_id,
-        connection.request_start_ns,
-        now,
-        end_reason::RETURNED,
-        0,
-        io.fd,
-    );
 }
 
 #[inline(always)]

@@ -1059,13 +1059,18 @@ mod tests {
         assert_eq!(trace.errors[0].flow.len(), 2);
     }
 
-    #[test]
-    fn return_value_rules_mark_one_call() {
-        let rule = ReturnRule::parse("parse_*:ret<0")
+    /// A `ret` rule, as it applies to any function.
+    fn parse_ret_rule(text: &str) -> FunctionRule {
+        ReturnRule::parse(text)
             .unwrap()
             .apply(|| unreachable!())
             .unwrap()
-            .unwrap();
+            .unwrap()
+    }
+
+    #[test]
+    fn return_value_rules_mark_one_call() {
+        let rule = parse_ret_rule("parse_*:ret<0");
         let mut a = Assembler::new(Clock::with_offset(0), 100, 1, HashMap::from([(2, rule)]));
         let mut failing = event(2, 1, 1, 20, 30);
         failing.ret = u64::from(u32::MAX); // eax = -1
@@ -1082,11 +1087,7 @@ mod tests {
 
     #[test]
     fn functions_of_an_error_trace_still_recording_are_on_error_paths() {
-        let rule = ReturnRule::parse("parse_*:ret<0")
-            .unwrap()
-            .apply(|| unreachable!())
-            .unwrap()
-            .unwrap();
+        let rule = parse_ret_rule("parse_*:ret<0");
         let mut a = Assembler::new(Clock::with_offset(0), 100, 1, HashMap::from([(2, rule)]));
         // Trace 1: its call of 3 returned fine, then 2 failed; the root runs.
         a.on_span(&event(3, 1, 1, 12, 15));
