@@ -3,6 +3,7 @@
 use std::{
     ffi::OsStr,
     io::Read,
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, ExitStatus, Output, Stdio},
     time::{Duration, Instant},
@@ -120,21 +121,30 @@ pub fn untraced<S: AsRef<OsStr>>(exe: &Path, args: &[S]) -> Output {
 }
 
 /// Runs to the end with piped output, failing the test after [`RUN_TIMEOUT`].
+///
+/// The command runs in a process group of its own, and a timeout kills the
+/// whole group: a program the agent started would otherwise keep the pipes
+/// open, and the test would wait on them forever instead of failing.
 pub fn run_to_end(mut command: Command) -> (ExitStatus, String, String) {
     let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {command:?}: {e}"));
     let stdout = reader(&mut child, true);
     let stderr = reader(&mut child, false);
-    let status = wait_with_timeout(&mut child, RUN_TIMEOUT).unwrap_or_else(|| {
+    let Some(status) = wait_with_timeout(&mut child, RUN_TIMEOUT) else {
+        // SAFETY: kill has no memory preconditions; the group is the child's.
+        unsafe { libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL) };
         panic!(
-            "{command:?} did not finish within {:?}",
-            crate::scaled(RUN_TIMEOUT)
+            "{command:?} did not finish within {:?}; it printed:\n{}\n{}",
+            crate::scaled(RUN_TIMEOUT),
+            stdout.join().unwrap(),
+            stderr.join().unwrap()
         )
-    });
+    };
     (status, stdout.join().unwrap(), stderr.join().unwrap())
 }
 

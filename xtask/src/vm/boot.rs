@@ -35,6 +35,11 @@ pub struct Vm<'a> {
     pub overlays: Vec<PathBuf>,
     /// Stop the VM after this long.
     pub timeout: Option<Duration>,
+    /// Stop the VM when the command has printed nothing for this long: a
+    /// guest that hangs (a test waiting forever, a kernel that locked up)
+    /// then fails in minutes with its console shown, instead of using up
+    /// the whole timeout.
+    pub silence: Option<Duration>,
     /// Where the script, the output, the status and the VM's console log go;
     /// emptied first. Shared read-write with the guest at the same path.
     pub results: PathBuf,
@@ -111,9 +116,11 @@ impl Vm<'_> {
         let mut stderr = Tail::new(results.join("stderr"), true);
         let started = results.join("started");
         let mut boot = None;
+        let mut last_output = Instant::now();
         let ended = loop {
-            stdout.pump();
-            stderr.pump();
+            if stdout.pump() | stderr.pump() {
+                last_output = Instant::now();
+            }
             if boot.is_none() && started.exists() {
                 boot = Some(start.elapsed());
             }
@@ -129,8 +136,19 @@ impl Vm<'_> {
                 .timeout
                 .is_some_and(|timeout| start.elapsed() > timeout)
             {
+                show_processes(&child);
                 stop(&mut child);
                 break Err("timed out".to_owned());
+            }
+            if let Some(silence) = self.silence {
+                if last_output.elapsed() > silence {
+                    show_processes(&child);
+                    stop(&mut child);
+                    break Err(format!(
+                        "printed nothing for {} minutes and was stopped",
+                        silence.as_secs() / 60
+                    ));
+                }
             }
             std::thread::sleep(Duration::from_millis(200));
         };
@@ -138,6 +156,7 @@ impl Vm<'_> {
         stdout.pump();
         stderr.pump();
         if let Err(why) = ended {
+            show_console_tail(&results.join("console.log"));
             bail!(
                 "the VM {why} after {:.0?}; its console: {}",
                 total,
@@ -164,6 +183,7 @@ fn guest_script(results: &Path, cwd: &Path, env: &[(&str, String)], command: &[S
     let results = quote(&results.to_string_lossy());
     script.push_str(&format!("r={results}\n: >\"$r/started\"\n"));
     script.push_str("mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf\n");
+    script.push_str(WATCHDOG);
     let mut vars: Vec<(String, String)> = std::env::vars()
         .filter(|(key, _)| PASSED_ENV.contains(&key.as_str()) || key.starts_with("OMEGI_"))
         .collect();
@@ -186,6 +206,16 @@ fn guest_script(results: &Path, cwd: &Path, env: &[(&str, String)], command: &[S
     script
 }
 
+/// Every five minutes, the guest's user processes and the kernel's list of
+/// blocked tasks (sysrq `w`) go to the console, not to the shared directory
+/// (a hang may be in the filesystem the output goes to): when a VM is
+/// stopped for a hang, the console's tail then says what was stuck where.
+const WATCHDOG: &str = "(while sleep 300; do \
+    { echo \"vm watchdog: $(cut -d' ' -f1 /proc/uptime) s up\"; \
+      ps -e -o pid,ppid,stat,etimes,wchan:28,args | grep -v ']$'; } >/dev/console 2>&1; \
+    echo w >/proc/sysrq-trigger; done) &
+";
+
 /// `text` as one shell word.
 pub fn quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', r"'\''"))
@@ -207,15 +237,17 @@ impl Tail {
         }
     }
 
-    fn pump(&mut self) {
+    /// Copies what came since the last call; whether anything did.
+    fn pump(&mut self) -> bool {
         if self.file.is_none() {
             self.file = File::open(&self.path).ok();
         }
         let Some(file) = &mut self.file else {
-            return;
+            return false;
         };
         let mut bytes = Vec::new();
-        if file.read_to_end(&mut bytes).is_ok() && !bytes.is_empty() {
+        let grew = file.read_to_end(&mut bytes).is_ok() && !bytes.is_empty();
+        if grew {
             if self.to_stderr {
                 let _ = std::io::stderr().write_all(&bytes);
             } else {
@@ -224,6 +256,23 @@ impl Tail {
                 let _ = out.flush();
             }
         }
+        grew
+    }
+}
+
+/// How much of the console a VM that did not end by itself leaves in our
+/// output: CI keeps only what we print, not the log file.
+const CONSOLE_TAIL_LINES: usize = 80;
+
+/// Prints the console's last lines to stderr: the kernel's own account of
+/// a hang (soft lockups, hung tasks, the watchdog's process list).
+fn show_console_tail(console: &Path) {
+    let text = std::fs::read_to_string(console).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = &lines[lines.len().saturating_sub(CONSOLE_TAIL_LINES)..];
+    eprintln!("vm: the console's last {} lines:", tail.len());
+    for line in tail {
+        eprintln!("  | {line}");
     }
 }
 
@@ -242,6 +291,23 @@ fn install_interrupt_handler() {
     unsafe {
         libc::signal(libc::SIGINT, handler);
         libc::signal(libc::SIGTERM, handler);
+    }
+}
+
+/// Lists vng's process group on the host: whether QEMU and virtiofsd were
+/// still there when the guest was taken to hang.
+fn show_processes(child: &Child) {
+    let listing = Command::new("ps")
+        .args(["-e", "-o", "pgid=,pid=,stat=,etime=,time=,args="])
+        .output()
+        .map(|output| String::from_utf8_lossy(&output.stdout).into_owned())
+        .unwrap_or_default();
+    let group = child.id().to_string();
+    eprintln!("vm: the VM's processes on the host (pgid pid stat elapsed cpu command):");
+    for line in listing.lines() {
+        if line.split_whitespace().next() == Some(group.as_str()) {
+            eprintln!("  {}", line.trim());
+        }
     }
 }
 

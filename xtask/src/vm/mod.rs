@@ -76,6 +76,7 @@ pub fn vm(series: Series, options: &VmOptions, command: &[String]) -> Result<u8>
         memory: options.memory.clone(),
         overlays: Vec::new(),
         timeout: minutes(options.timeout, None),
+        silence: None,
         results: results_dir(&kernel)?,
     };
     eprintln!(
@@ -150,6 +151,11 @@ const KERNEL_SUITES: &[&str] = &[
 /// in all.
 const SUITE_TIMEOUT: Duration = Duration::from_secs(80 * 60);
 
+/// How long the suite may print nothing before its VM is taken to hang:
+/// libtest reports a test still running after a minute, and no test takes
+/// ten under emulation.
+const SUITE_SILENCE: Duration = Duration::from_secs(12 * 60);
+
 /// How many times longer the harness waits for a run in the VM
 /// (`OMEGI_TEST_TIME_SCALE`, when the environment does not set it).
 const TIME_SCALE: &str = "5";
@@ -184,6 +190,7 @@ pub fn test(kernels: &Kernels, options: &VmOptions, args: &[String]) -> Result<u
             // target directory: the guest writes there, into its own memory.
             overlays: vec![target.clone()],
             timeout: minutes(options.timeout, Some(SUITE_TIMEOUT)),
+            silence: Some(SUITE_SILENCE),
             results: results_dir(&kernel)?,
         };
         eprintln!(
