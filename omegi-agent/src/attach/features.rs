@@ -3,7 +3,12 @@
 //! (distributions backport features, and a version says nothing of a
 //! kernel's configuration).
 
-use std::{ffi::CStr, io, path::Path};
+use std::{
+    ffi::CStr,
+    io::{self, Write},
+    os::fd::{AsRawFd, FromRawFd},
+    path::Path,
+};
 
 use super::multi::{
     bpf, ProgLoadAttr, UprobeMultiAttr, BPF_LINK_CREATE, BPF_PROG_LOAD, BPF_PROG_TYPE_KPROBE,
@@ -79,30 +84,27 @@ pub enum BtfError {
 
 /// Reads the [`TaskOffsets`] from the running kernel's BTF.
 pub fn task_offsets() -> Result<TaskOffsets, BtfError> {
-    let bytes = std::fs::read(VMLINUX_BTF).map_err(BtfError::Missing)?;
-    task_offsets_in(&bytes)
+    task_offsets_in(&KernelTypes::load()?)
 }
 
-/// [`task_offsets`] from BTF bytes.
-pub fn task_offsets_in(btf: &[u8]) -> Result<TaskOffsets, BtfError> {
-    let offset = btf_offsets(btf)?;
+/// [`task_offsets`] from parsed BTF.
+pub fn task_offsets_in(types: &KernelTypes) -> Result<TaskOffsets, BtfError> {
     Ok(TaskOffsets {
-        task_mm: offset("task_struct", "mm")?,
-        mm_start_code: offset("mm_struct", "start_code")?,
+        task_mm: types.offset("task_struct", "mm")?,
+        mm_start_code: types.offset("mm_struct", "start_code")?,
     })
 }
 
 /// Reads the [`SocketOffsets`](omegi_common::SocketOffsets) (HTTP on
 /// sockets) from the running kernel's BTF.
 pub fn socket_offsets() -> Result<omegi_common::SocketOffsets, BtfError> {
-    let bytes = std::fs::read(VMLINUX_BTF).map_err(BtfError::Missing)?;
-    socket_offsets_in(&bytes)
+    socket_offsets_in(&KernelTypes::load()?)
 }
 
-/// [`socket_offsets`] from BTF bytes.
-pub fn socket_offsets_in(btf: &[u8]) -> Result<omegi_common::SocketOffsets, BtfError> {
-    let offset = btf_offsets(btf)?;
-    let sock = |field: &'static str| offset("sock", field);
+/// [`socket_offsets`] from parsed BTF.
+pub fn socket_offsets_in(types: &KernelTypes) -> Result<omegi_common::SocketOffsets, BtfError> {
+    let offset = |structure, field| types.offset(structure, field);
+    let sock = |field| offset("sock", field);
     Ok(omegi_common::SocketOffsets {
         task_files: offset("task_struct", "files")?,
         files_fdt: offset("files_struct", "fdt")?,
@@ -123,43 +125,102 @@ pub fn socket_offsets_in(btf: &[u8]) -> Result<omegi_common::SocketOffsets, BtfE
     })
 }
 
-/// A lookup of `structure.field` byte offsets (a field path may go through
-/// nested and anonymous members) in BTF bytes.
-fn btf_offsets(
-    btf: &[u8],
-) -> Result<impl Fn(&'static str, &'static str) -> Result<u32, BtfError>, BtfError> {
-    let types = btfparse::TypeInformation::new(&BtfBytes(btf))
-        .map_err(|error| BtfError::Unreadable(format!("{error:?}")))?;
-    Ok(
-        move |structure: &'static str, field: &'static str| -> Result<u32, BtfError> {
-            let missing = || BtfError::NoField(structure, field);
-            let id = types.id_of(structure).ok_or_else(missing)?;
-            match types.offset_of(id, field) {
-                Ok((_, btfparse::Offset::ByteOffset(offset))) => Ok(offset),
-                _ => Err(missing()),
-            }
-        },
-    )
-}
+/// The kernel's types, to look up where a field lies in a structure.
+///
+/// btf-rs's mmap backend reads a type only when it is asked for: the few
+/// structures omegi needs cost milliseconds, where parsing all of the
+/// kernel's hundred thousand types first took over a second in a debug
+/// build (and twenty under the kernel VMs' emulation), at every start. The
+/// bytes are copied into a memory file first: sysfs lets the BTF be mapped
+/// only from Linux 6.15 on.
+pub struct KernelTypes(btf_rs::Btf);
 
-/// BTF bytes in memory, as btfparse reads them.
-struct BtfBytes<'a>(&'a [u8]);
+impl KernelTypes {
+    /// The running kernel's types ([`VMLINUX_BTF`]).
+    pub fn load() -> Result<Self, BtfError> {
+        Self::from_bytes(&std::fs::read(VMLINUX_BTF).map_err(BtfError::Missing)?)
+    }
 
-impl btfparse::Readable for BtfBytes<'_> {
-    fn read(&self, offset: u64, buffer: &mut [u8]) -> btfparse::Result<()> {
-        let start = usize::try_from(offset).unwrap_or(usize::MAX);
-        match start
-            .checked_add(buffer.len())
-            .and_then(|end| self.0.get(start..end))
-        {
-            Some(bytes) => {
-                buffer.copy_from_slice(bytes);
-                Ok(())
+    /// Types from BTF bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, BtfError> {
+        let unreadable = |error: &dyn std::fmt::Display| BtfError::Unreadable(error.to_string());
+        // SAFETY: the name is a valid C string; the descriptor returned is
+        // new and owned by nobody else.
+        let file = unsafe {
+            let fd = libc::memfd_create(c"omegi-btf".as_ptr(), libc::MFD_CLOEXEC);
+            if fd < 0 {
+                return Err(unreadable(&io::Error::last_os_error()));
             }
-            None => Err(btfparse::Error::new(
-                btfparse::ErrorKind::EOF,
-                "read past the end of the BTF data",
-            )),
+            std::fs::File::from(std::os::fd::OwnedFd::from_raw_fd(fd))
+        };
+        (&file).write_all(bytes).map_err(|e| unreadable(&e))?;
+        let path = format!("/proc/self/fd/{}", file.as_raw_fd());
+        btf_rs::Btf::from_file_with_backend(path, btf_rs::Backend::Mmap)
+            .map(Self)
+            .map_err(|e| unreadable(&e))
+    }
+
+    /// The byte offset of `path` (`field`, or `field.field…` through nested
+    /// and anonymous members) in `struct structure`.
+    pub fn offset(&self, structure: &'static str, path: &'static str) -> Result<u32, BtfError> {
+        let missing = || BtfError::NoField(structure, path);
+        let mut current = self
+            .0
+            .resolve_types_by_name(structure)
+            .map_err(|_| missing())?
+            .into_iter()
+            .find_map(|found| match found {
+                btf_rs::Type::Struct(structure) => Some(structure),
+                _ => None,
+            })
+            .ok_or_else(missing)?;
+        let mut bits = 0;
+        let mut fields = path.split('.').peekable();
+        while let Some(field) = fields.next() {
+            let (offset, member) = self.member(&current, field).ok_or_else(missing)?;
+            bits += offset;
+            if fields.peek().is_some() {
+                current = self.composite(&member).ok_or_else(missing)?;
+            }
+        }
+        if bits % 8 != 0 {
+            return Err(missing());
+        }
+        Ok(bits / 8)
+    }
+
+    /// `name` in `structure`, or in one of its anonymous structures and
+    /// unions: its bit offset from `structure`'s start, and the member.
+    fn member(&self, structure: &btf_rs::Struct, name: &str) -> Option<(u32, btf_rs::Member)> {
+        for member in &structure.members {
+            let member_name = self.0.resolve_name(member).unwrap_or_default();
+            if member_name == name {
+                return Some((member.bit_offset(), member.clone()));
+            }
+            if member_name.is_empty() {
+                if let Some(inner) = self.composite(member) {
+                    if let Some((offset, found)) = self.member(&inner, name) {
+                        return Some((member.bit_offset() + offset, found));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// The structure or union a member is, through typedefs and qualifiers.
+    fn composite(&self, member: &btf_rs::Member) -> Option<btf_rs::Struct> {
+        let mut current = self.0.resolve_chained_type(member).ok()?;
+        loop {
+            current = match current {
+                btf_rs::Type::Struct(found) | btf_rs::Type::Union(found) => return Some(found),
+                btf_rs::Type::Typedef(ref link) => self.0.resolve_chained_type(link).ok()?,
+                btf_rs::Type::Const(ref link)
+                | btf_rs::Type::Volatile(ref link)
+                | btf_rs::Type::Restrict(ref link) => self.0.resolve_chained_type(link).ok()?,
+                btf_rs::Type::TypeTag(ref link) => self.0.resolve_chained_type(link).ok()?,
+                _ => return None,
+            };
         }
     }
 }
@@ -276,22 +337,26 @@ mod tests {
     #[test]
     fn task_offsets_come_from_this_kernels_btf() {
         // Every kernel omegi is tested on has BTF (DESIGN.md).
-        let bytes = std::fs::read(VMLINUX_BTF).expect("this kernel publishes its BTF");
-        let offsets = task_offsets_in(&bytes).expect("this kernel's BTF has both fields");
+        let types = KernelTypes::load().expect("this kernel publishes its BTF");
+        let offsets = task_offsets_in(&types).expect("this kernel's BTF has both fields");
         // task_struct is large; mm is well inside it. start_code follows
         // the mmap bookkeeping at the start of mm_struct.
         assert!(offsets.task_mm > 64, "{offsets:?}");
         assert!(offsets.mm_start_code > 0, "{offsets:?}");
         assert!(matches!(
-            task_offsets_in(b"not btf"),
+            KernelTypes::from_bytes(b"not btf"),
             Err(BtfError::Unreadable(_))
+        ));
+        assert!(matches!(
+            types.offset("task_struct", "no_such_field"),
+            Err(BtfError::NoField("task_struct", "no_such_field"))
         ));
     }
 
     #[test]
     fn socket_offsets_come_from_this_kernels_btf() {
-        let bytes = std::fs::read(VMLINUX_BTF).expect("this kernel publishes its BTF");
-        let offsets = socket_offsets_in(&bytes).expect("this kernel's BTF has every field");
+        let types = KernelTypes::load().expect("this kernel publishes its BTF");
+        let offsets = socket_offsets_in(&types).expect("this kernel's BTF has every field");
         // struct sock starts with its sock_common: the IPv4 addresses first,
         // then the ports, then the family, then the IPv6 addresses.
         assert_eq!(offsets.sk_daddr, 0, "{offsets:?}");
