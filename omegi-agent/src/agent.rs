@@ -197,7 +197,8 @@ async fn trace(
         config.flow_rate,
         rules,
     )
-    .with_http_stats(Arc::clone(&reader_stats.http));
+    .with_http_stats(Arc::clone(&reader_stats.http))
+    .with_go_panics(&table);
     let reader = Reader::start(
         maps,
         assembler,
@@ -730,6 +731,13 @@ pub fn describe_table(table: &FunctionTable, mechanism: ReturnMechanism) -> Stri
     }
     if hooks.rust_panic.is_some() {
         error_path.push("Rust panics (std's panic entry, catch_unwind)");
+    }
+    if table
+        .go
+        .as_ref()
+        .is_some_and(|go| go.panics.gopanic.is_some())
+    {
+        error_path.push("Go panics (runtime.gopanic, the recovering call's return)");
     }
     error_path.push("fatal signals and failing exits");
     let _ = writeln!(out, "error path: {}", error_path.join(", "));

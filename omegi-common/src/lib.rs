@@ -332,6 +332,13 @@ pub mod error_kind {
     pub const SIGNAL: u32 = 7;
     /// `exit_group` with a non-zero code (`value`) while traced calls run.
     pub const EXIT: u32 = 8;
+    /// `runtime.gopanic`: a Go panic starts on a goroutine (`tid` is its id;
+    /// `value` the runtime address of the panic value's type descriptor).
+    pub const GO_PANIC: u32 = 9;
+    /// A traced Go function returned while its goroutine panicked, below
+    /// frames that never returned: it recovered the panic (`recover` in one
+    /// of its deferred calls), and the frames above it were abandoned.
+    pub const GO_RECOVER: u32 = 10;
 }
 
 /// Length of each text field of an [`ErrorEvent`].
@@ -435,8 +442,13 @@ pub mod text {
     pub const BASE2: usize = 2;
     /// Rust: the panic message. C++: the string a `std::runtime_error` or
     /// `std::logic_error` holds (read as if the object were one; the agent
-    /// uses it only when the type is one of those).
+    /// uses it only when the type is one of those). Go: the string a string
+    /// header behind the panic value's data word points to (which is what a
+    /// `string`, an `*errors.errorString` and an `*fmt.wrapError` have).
     pub const MESSAGE: usize = 3;
+    /// Go: the first bytes behind the panic value's data word, as they are
+    /// (a `runtime.boundsError`'s fields); `BASE`'s slot.
+    pub const GO_VALUE: usize = 1;
 }
 
 /// A thread that made traced calls exited.
@@ -588,6 +600,7 @@ pub mod names {
     pub const PROG_RUST_PANIC_STR: &str = "omegi_rust_panic_str";
     pub const PROG_RUST_PANIC_STRING: &str = "omegi_rust_panic_string";
     pub const PROG_RUST_CATCH: &str = "omegi_rust_catch";
+    pub const PROG_GO_PANIC: &str = "omegi_go_panic";
     pub const PROG_SIGNAL: &str = "omegi_signal";
     pub const PROG_EXIT_GROUP: &str = "omegi_exit_group";
     pub const MAP_EVENTS: &str = "EVENTS";

@@ -17,7 +17,7 @@ use omegi_common::{
     MAX_DEPTH,
 };
 
-use crate::{count, stack, traced_thread, EVENTS};
+use crate::{count, goroutine, stack, traced_thread, EVENTS, GO_PANICKING};
 
 #[no_mangle]
 static SIGNAL_SIG_OFFSET: Global<u32> = Global::new(8);
@@ -137,13 +137,74 @@ fn panic_message(ptr: u64, len: u64) {
     let Some(event) = reserve(error_kind::RUST_PANIC_MESSAGE, tgid, tid) else {
         return;
     };
+    read_message(ptr, len, event);
+    submit(event);
+}
+
+/// Copies up to [`ERROR_TEXT_LEN`] of the `len` bytes at `ptr` into the
+/// event's message.
+#[inline(always)]
+fn read_message(ptr: u64, len: u64, event: &mut ErrorEvent) {
     let len = (len as usize).min(ERROR_TEXT_LEN);
     let destination = &mut event.texts[text::MESSAGE];
     let read = unsafe {
         generated::bpf_probe_read_user(destination.as_mut_ptr().cast(), len as u32, ptr as *const _)
     };
     event.text_lens[text::MESSAGE] = if read == 0 { len as u16 } else { 0 };
+}
+
+/// How many bytes behind a Go panic value's data word go to the agent as
+/// they are: a `runtime.boundsError` (two words, a flag and a code).
+const GO_VALUE_BYTES: u32 = 24;
+
+/// `runtime.gopanic(e any)`, in Go's register ABI: RAX is the panic value's
+/// type descriptor, RBX its data word. The goroutine's traced calls are the
+/// error's path. The agent names the type from the binary's type symbols
+/// and decides which reading of the value is right for it: the string
+/// header behind the data word (`panic("text")` and `*errors.errorString`
+/// alike), or the raw bytes there.
+#[uprobe]
+pub fn omegi_go_panic(ctx: ProbeContext) -> u32 {
+    let Some((tgid, _)) = traced_thread() else {
+        return 0;
+    };
+    let regs = unsafe { &*ctx.regs };
+    let Some((stack, key, goid)) = goroutine::current_stack(regs, tgid) else {
+        return 0;
+    };
+    if stack.depth == 0 {
+        return 0;
+    }
+    stack.unwinding = 1;
+    let _ = GO_PANICKING.insert(&tgid, &key, 0);
+    let Some(event) = reserve(error_kind::GO_PANIC, tgid, goid) else {
+        return 0;
+    };
+    copy_stack(stack, event, 0);
+    event.value = regs.rax as i64;
+    let data = regs.rbx;
+    read_message(read_u64(data), read_u64(data + 8), event);
+    let raw = &mut event.texts[text::GO_VALUE];
+    let read = unsafe {
+        generated::bpf_probe_read_user(raw.as_mut_ptr().cast(), GO_VALUE_BYTES, data as *const _)
+    };
+    event.text_lens[text::GO_VALUE] = if read == 0 { GO_VALUE_BYTES as u16 } else { 0 };
     submit(event);
+    0
+}
+
+/// A Go call at `sp` returned while its goroutine panicked, with traced
+/// calls above it still open: it recovered. Those calls were abandoned; the
+/// recovering call is the innermost one left, and returns next.
+#[inline(always)]
+pub fn go_recovered(stack: &mut ThreadStack, sp: u64, now: u64, tgid: u32, goid: u32) {
+    stack::close_frames_above(stack, sp - 1, now, goid, end_reason::UNWOUND);
+    stack.unwinding = 0;
+    let _ = GO_PANICKING.remove(&tgid);
+    if let Some(event) = reserve(error_kind::GO_RECOVER, tgid, goid) {
+        copy_stack(stack, event, 0);
+        submit(event);
+    }
 }
 
 /// `__rust_panic_cleanup`: `catch_unwind` caught a panic.
@@ -183,7 +244,35 @@ pub fn omegi_exit_group(ctx: TracePointContext) -> u32 {
         event.value = code;
         submit(event);
     }
+    if goroutine::enabled() {
+        go_panic_exit(code);
+    }
     0
+}
+
+/// A Go process exits with `code` after a panic nobody recovered (Go exits
+/// with 2): the exit is reported on the panicking goroutine, whose calls it
+/// then closes, as a thread's exit closes a thread's.
+#[inline(always)]
+fn go_panic_exit(code: i64) {
+    let Some((tgid, _)) = traced_thread() else {
+        return;
+    };
+    let Some(&key) = (unsafe { GO_PANICKING.get(&tgid) }) else {
+        return;
+    };
+    let _ = GO_PANICKING.remove(&tgid);
+    let Some(stack) = goroutine::stack_by_key(key) else {
+        return;
+    };
+    let goid = stack.owner;
+    if let Some(event) = reserve(error_kind::EXIT, tgid, goid) {
+        copy_stack(stack, event, 0);
+        event.value = code;
+        submit(event);
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    stack::close_frames_above(stack, u64::MAX, now, goid, end_reason::THREAD_EXIT);
 }
 
 /// Starts an error event with the current thread's stack, if the thread has

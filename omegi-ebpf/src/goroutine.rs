@@ -66,6 +66,21 @@ fn current(regs: &pt_regs, tgid: u32) -> Option<(u64, u64, u64)> {
     Some((key, goid, VIRTUAL_TOP - distance))
 }
 
+/// The current goroutine's calls, their `GOROUTINES` key and its id (low 32
+/// bits), if it has some.
+#[inline(always)]
+pub fn current_stack(regs: &pt_regs, tgid: u32) -> Option<(&'static mut ThreadStack, u64, u32)> {
+    let (key, goid, _) = current(regs, tgid)?;
+    let stack = GOROUTINES.get_ptr_mut(&key)?;
+    Some((unsafe { &mut *stack }, key, goid as u32))
+}
+
+/// The calls of the goroutine `key`.
+#[inline(always)]
+pub fn stack_by_key(key: u64) -> Option<&'static mut ThreadStack> {
+    GOROUTINES.get_ptr_mut(&key).map(|stack| unsafe { &mut *stack })
+}
+
 /// A traced Go function was entered.
 #[inline(always)]
 pub fn on_entry<C: EbpfContext>(ctx: &C, regs: &pt_regs, fn_id: u32, fn_flags: u32) {
@@ -120,6 +135,14 @@ pub fn on_exit(regs: &pt_regs, reason: u32) {
     };
     let stack = unsafe { &mut *stack };
     let now = unsafe { bpf_ktime_get_ns() };
+    if stack.unwinding != 0 && stack.depth > 0 {
+        // A return under calls that never returned, while panicking: this
+        // call recovered (Go resumes it at its `deferreturn`).
+        let top = stack.frames[stack::slot(stack.depth as usize - 1)].sp;
+        if top < sp {
+            crate::errors::go_recovered(stack, sp, now, tgid, goid as u32);
+        }
+    }
     stack::pop(stack, sp, reason, regs.rax, now, goid as u32);
     if stack.depth == 0 {
         let _ = GOROUTINES.remove(&key);

@@ -95,6 +95,12 @@ static PROBE_SITES: HashMap<u64, u64> = HashMap::with_max_entries(1, 0);
 #[map]
 static GOROUTINES: HashMap<u64, ThreadStack> = HashMap::with_max_entries(1, 0);
 
+/// The goroutine (its `GOROUTINES` key) that panicked last in each Go
+/// process, until a call recovers: a panic nobody recovers ends the process,
+/// and the exit closes that goroutine's calls as the error's.
+#[map]
+static GO_PANICKING: HashMap<u32, u64> = HashMap::with_max_entries(1024, 0);
+
 /// See `omegi_common::globals::GO_GOID_OFFSET`.
 #[no_mangle]
 static GO_GOID_OFFSET: Global<u32> = Global::new(0);

@@ -14,10 +14,23 @@ fn agent() -> Agent {
     Agent::new(env!("CARGO_BIN_EXE_omegi-agent"))
 }
 
-/// Thread ids and pids in Rust's panic messages differ between runs.
+/// Thread ids and pids in Rust's panic messages, and the heap addresses a
+/// Go traceback prints as arguments, differ between runs.
 fn without_ids(text: &str) -> String {
-    let mut out = String::new();
+    let mut plain = String::new();
     let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        plain.push(c);
+        if c == '0' && chars.peek() == Some(&'x') {
+            chars.next();
+            plain.push_str("xN");
+            while chars.peek().is_some_and(char::is_ascii_hexdigit) {
+                chars.next();
+            }
+        }
+    }
+    let mut out = String::new();
+    let mut chars = plain.chars().peekable();
     while let Some(c) = chars.next() {
         out.push(c);
         if c == '(' && chars.peek().is_some_and(char::is_ascii_digit) {
@@ -213,6 +226,95 @@ fn cpp_exceptions_in_a_loop_on_threads_never_break_unwinding() {
         traced.spans.iter().filter(|span| span.is_error()).count(),
         400 * 9
     );
+}
+
+/// Go panics: an error made by `errors.New`, an index out of range and a
+/// string, each recovered in a deferred call of `safely`; then one nobody
+/// recovers, which ends the process with code 2. Each is an error trace with
+/// the value's type and message, the calls it abandoned and its outcome.
+#[test]
+fn go_panics_recovered_and_fatal_are_error_traces() {
+    for linking in [Linking::Pie, Linking::NoPie] {
+        let described = |traced: &Traced| -> Vec<(String, String, String, Vec<String>)> {
+            let mut errors: Vec<_> = exceptions(&traced.spans)
+                .into_iter()
+                .map(|(_, event)| {
+                    (
+                        event.text("exception.type"),
+                        event.text("exception.message"),
+                        event.text("omegi.error.outcome"),
+                        event.flow(),
+                    )
+                })
+                .collect();
+            errors.sort();
+            errors
+        };
+        let strings = |names: &[&str]| names.iter().map(|name| name.to_string()).collect();
+        let caught = "caught in main.safely".to_owned();
+
+        let traced = trace_unharmed("go/panics.go", linking, &["text"], &[]);
+        assert_eq!(
+            described(&traced),
+            vec![
+                (
+                    "*errors.errorString".into(),
+                    "negative amount".into(),
+                    caught.clone(),
+                    strings(&["main.charge", "main.checkout", "main.main.func1"]),
+                ),
+                (
+                    "runtime.boundsError".into(),
+                    "runtime error: index out of range [6] with length 3".into(),
+                    caught.clone(),
+                    strings(&["main.lookup", "main.main.func2"]),
+                ),
+                (
+                    "string".into(),
+                    "out of stock".into(),
+                    caught.clone(),
+                    strings(&["main.shout", "main.main.func3"]),
+                ),
+            ],
+            "{linking:?}"
+        );
+        // The recovering call returned; the deferred call that recovered ran
+        // under the panicking one, and returned too.
+        for span in &traced.spans {
+            let abandoned = matches!(
+                span.name.as_str(),
+                "main.charge" | "main.checkout" | "main.lookup" | "main.shout"
+            ) || span.name.starts_with("main.main.func");
+            if span.name == "main.charge" && !span.is_error() {
+                // charge(1) returned before charge(-2) panicked.
+                assert_eq!(span.end(), "returned");
+                continue;
+            }
+            assert_eq!(span.is_error(), abandoned, "{span:?}");
+            assert_eq!(
+                span.end(),
+                if abandoned { "unwound" } else { "returned" },
+                "{span:?}"
+            );
+        }
+
+        let traced = trace_unharmed("go/panics.go", linking, &["crash"], &[]);
+        assert_eq!(traced.status.code(), Some(2));
+        let fatal: Vec<_> = described(&traced)
+            .into_iter()
+            .filter(|(_, _, outcome, _)| outcome != &caught)
+            .collect();
+        assert_eq!(
+            fatal,
+            vec![(
+                "*errors.errorString".into(),
+                "negative amount".into(),
+                "the process exited with code 2".into(),
+                strings(&["main.charge", "main.checkout", "main.main"]),
+            )],
+            "{linking:?}"
+        );
+    }
 }
 
 #[test]

@@ -151,11 +151,11 @@ fn go_growing_stacks_traced_per_goroutine_and_unharmed() {
         assert_eq!(count("main.round.func2"), 16, "{linking:?}");
         assert_eq!(count("main.deep"), 16 * 61, "{linking:?}");
         // Go spans carry the goroutine id where other spans carry the thread.
-        let goroutines: std::collections::HashSet<String> = traced
+        let goroutines: std::collections::HashSet<u64> = traced
             .spans
             .iter()
             .filter(|s| s.name == "main.work")
-            .map(|s| s.attributes["thread.id"].to_string())
+            .map(|s| s.goroutine())
             .collect();
         assert_eq!(goroutines.len(), 16, "{linking:?}");
     }
@@ -256,6 +256,14 @@ fn go_thousand_goroutines_each_one_exact_tree() {
     assert_eq!(count("main.f"), 1000);
     assert_eq!(count("main.g"), 1000);
     assert_eq!(count("main.h"), 1000);
+    // A goroutine each: ids are never reused within a process.
+    let goroutines: std::collections::HashSet<u64> = traced
+        .spans
+        .iter()
+        .filter(|s| s.name == "main.f")
+        .map(|s| s.goroutine())
+        .collect();
+    assert_eq!(goroutines.len(), 1000);
     let by_id: std::collections::HashMap<&str, &omegi_tests::spans::SpanRecord> = traced
         .spans
         .iter()
@@ -269,7 +277,7 @@ fn go_thousand_goroutines_each_one_exact_tree() {
         };
         let found = by_id.get(span.parent_span_id.as_str()).map(|p| {
             assert_eq!(p.trace_id, span.trace_id);
-            assert_eq!(p.attributes["thread.id"], span.attributes["thread.id"]);
+            assert_eq!(p.goroutine(), span.goroutine());
             p.name.as_str()
         });
         assert_eq!(found, parent, "{span:?}");

@@ -78,6 +78,17 @@ impl SpanRecord {
         self.attributes["thread.id"].as_u64().expect("thread.id")
     }
 
+    /// The goroutine of a Go function's call: such a span names no thread.
+    pub fn goroutine(&self) -> u64 {
+        assert!(
+            !self.attributes.contains_key("thread.id"),
+            "a Go call names its goroutine, not a thread: {self:?}"
+        );
+        self.attributes["go.goroutine.id"]
+            .as_u64()
+            .expect("go.goroutine.id")
+    }
+
     pub fn pid(&self) -> u64 {
         self.attributes["process.pid"]
             .as_u64()

@@ -10,7 +10,7 @@
 
 use std::{collections::HashSet, sync::Arc, time::Instant};
 
-use omegi_common::{error_kind, text, ErrorEvent};
+use omegi_common::{error_kind, text, ErrorEvent, ERROR_TEXT_LEN};
 
 /// What kind of error.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -178,7 +178,11 @@ pub enum Transition {
 
 /// Decides what an error event means, given the error in flight on its
 /// thread (if any). Applies small updates (message) in place.
-pub fn transition(event: &ErrorEvent, current: Option<&mut ThreadError>) -> Transition {
+pub fn transition(
+    event: &ErrorEvent,
+    current: Option<&mut ThreadError>,
+    go_panics: Option<&GoPanicValues>,
+) -> Transition {
     let in_flight = current;
     match event.error_kind {
         error_kind::CXX_THROW => {
@@ -219,7 +223,20 @@ pub fn transition(event: &ErrorEvent, current: Option<&mut ThreadError>) -> Tran
             }
             Transition::Continue
         }
-        error_kind::CXX_CATCH | error_kind::RUST_CATCH => {
+        error_kind::GO_PANIC => {
+            let (type_name, message) = match go_panics {
+                Some(values) => values.describe(event),
+                None => ("panic".to_owned(), String::new()),
+            };
+            Transition::Start(ThreadError::new(
+                ErrorKind::Panic,
+                type_name,
+                message,
+                event,
+                Phase::Unwinding,
+            ))
+        }
+        error_kind::CXX_CATCH | error_kind::RUST_CATCH | error_kind::GO_RECOVER => {
             if in_flight.is_none() {
                 return Transition::Ignore;
             }
@@ -310,6 +327,55 @@ pub fn return_value_error(
 /// Freezes an error for export.
 pub fn freeze(error: &ThreadError) -> Arc<ErrorInfo> {
     Arc::new(error.info.clone())
+}
+
+/// How a Go program's panic values read: its type names, and where each
+/// traced function's entry probe is, to take the load bias off a type
+/// descriptor's runtime address.
+#[derive(Debug)]
+pub struct GoPanicValues {
+    panics: Arc<crate::discovery::go_panic::GoPanics>,
+    /// Link-time address of each function's entry probe, by function id.
+    entries: Vec<Option<u64>>,
+}
+
+impl GoPanicValues {
+    /// For `table`'s program, if it is a Go program.
+    pub fn of(table: &crate::discovery::FunctionTable) -> Option<Self> {
+        let go = table.go.as_ref()?;
+        Some(Self {
+            panics: Arc::clone(&go.panics),
+            entries: table
+                .functions
+                .iter()
+                .map(|function| function.code.entry.as_ref().map(|site| site.address))
+                .collect(),
+        })
+    }
+
+    /// The panic's type name (`panic` when it is not known) and message.
+    fn describe(&self, event: &ErrorEvent) -> (String, String) {
+        // The outermost frame's entry probe ran at its link-time address
+        // plus the load bias.
+        let type_name = (event.depth > 0)
+            .then(|| {
+                let frame = &event.frames[0];
+                let entry = (*self.entries.get(frame.fn_id as usize)?)?;
+                let bias = frame.entry_ip.wrapping_sub(entry);
+                self.panics
+                    .type_name((event.value as u64).wrapping_sub(bias))
+            })
+            .flatten();
+        let Some(type_name) = type_name else {
+            return ("panic".to_owned(), String::new());
+        };
+        let type_name = type_name.as_str();
+        let text = std::str::from_utf8(event.text(text::MESSAGE)).ok();
+        let raw_len = usize::from(event.text_lens[text::GO_VALUE]).min(ERROR_TEXT_LEN);
+        let raw = &event.texts[text::GO_VALUE][..raw_len];
+        let message = crate::discovery::go_panic::message(type_name, text, raw);
+        (type_name.to_owned(), message)
+    }
 }
 
 fn stack_of(event: &ErrorEvent) -> Vec<StackFrame> {

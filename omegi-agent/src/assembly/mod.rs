@@ -132,7 +132,12 @@ pub struct Span {
     /// Function id in the [`FunctionTable`](crate::discovery::FunctionTable).
     pub fn_id: u32,
     pub pid: u32,
+    /// The thread the call ran on, or for a Go function the goroutine (its
+    /// id's low 32 bits): a Go program's calls are kept per goroutine, which
+    /// may move between threads.
     pub tid: u32,
+    /// Whether `tid` is a goroutine's id.
+    pub goroutine: bool,
     /// Wall-clock, ns since the Unix epoch.
     pub start_unix_ns: u64,
     pub end_unix_ns: u64,
@@ -160,6 +165,17 @@ impl Span {
     /// The caller's context a server span continues.
     pub fn remote_parent(&self) -> Option<TraceParent> {
         self.http.as_ref()?.remote_parent()
+    }
+
+    /// The attribute that names what ran the call: `thread.id`, or
+    /// `go.goroutine.id` for a Go function (a goroutine's thread is not
+    /// known, and changes).
+    pub fn runner_attribute(&self) -> &'static str {
+        if self.goroutine {
+            "go.goroutine.id"
+        } else {
+            "thread.id"
+        }
     }
 
     /// OpenTelemetry's span kind name.
@@ -280,6 +296,8 @@ pub struct Assembler {
     /// The caller's context of each trace (by key) that continues one, and
     /// when it came.
     remote: HashMap<u64, (TraceParent, Instant)>,
+    /// How a Go program's panic values read, for a Go program.
+    go_panics: Option<errors::GoPanicValues>,
 }
 
 impl Assembler {
@@ -303,7 +321,14 @@ impl Assembler {
             last_exception: HashMap::new(),
             http: Messages::default(),
             remote: HashMap::new(),
+            go_panics: None,
         }
+    }
+
+    /// Names the values of a Go program's panics (`table` is the program's).
+    pub fn with_go_panics(mut self, table: &crate::discovery::FunctionTable) -> Self {
+        self.go_panics = errors::GoPanicValues::of(table);
+        self
     }
 
     /// Counts HTTP problems into `stats` (the agent's summary).
@@ -338,6 +363,7 @@ impl Assembler {
             fn_id: event.fn_id,
             pid: event.tgid,
             tid: event.tid,
+            goroutine: event.flags & span_flags::GOROUTINE != 0,
             start_unix_ns: self.clock.to_unix_ns(event.start_ns),
             end_unix_ns: self.clock.to_unix_ns(event.end_ns),
             end: SpanEnd::from_kernel(event.end_reason),
@@ -392,7 +418,8 @@ impl Assembler {
     /// Takes one event of the error path.
     pub fn on_error(&mut self, event: &ErrorEvent) -> Vec<Trace> {
         let tid = event.tid;
-        match errors::transition(event, self.thread_errors.get_mut(&tid)) {
+        let go_panics = self.go_panics.as_ref();
+        match errors::transition(event, self.thread_errors.get_mut(&tid), go_panics) {
             Transition::Start(mut error) => {
                 let ready = self.resolve(tid);
                 if event.error_kind == omegi_common::error_kind::CXX_RETHROW {

@@ -951,9 +951,21 @@ impl Probes {
                 )
             })
             .collect::<Vec<_>>();
+        let go = table
+            .go
+            .iter()
+            .filter_map(|go| go.panics.gopanic)
+            .map(|file_offset| {
+                (
+                    RuntimeSymbol::InBinary { file_offset },
+                    names::PROG_GO_PANIC,
+                    "Go runtime",
+                )
+            });
         let hooks = cxx
             .map(|(symbol, program, runtime)| (symbol.clone(), program, runtime))
-            .chain(rust);
+            .chain(rust)
+            .chain(go);
 
         let mut attached = 0;
         let mut loaded = std::collections::HashMap::new();
@@ -995,7 +1007,7 @@ impl Probes {
                 Ok(()) => attached += 1,
                 Err(error) => tracing::warn!(
                     "no probe on the {runtime} ({program}): {} will show only as unwound calls: {error}",
-                    if runtime.starts_with("Rust") { "panics" } else { "exceptions" }
+                    if runtime.starts_with("C++") { "exceptions" } else { "panics" }
                 ),
             }
         }
@@ -1110,7 +1122,7 @@ fn shared_library(pid: Option<u32>, prefix: &str) -> std::path::PathBuf {
 const STOPPED_GENERATION: u32 = 0x100;
 
 /// The programs of the language runtimes' error paths.
-const ERROR_PROGRAMS: [&str; 7] = [
+const ERROR_PROGRAMS: [&str; 8] = [
     names::PROG_RUST_CATCH,
     names::PROG_CXX_THROW,
     names::PROG_CXX_RETHROW,
@@ -1118,6 +1130,7 @@ const ERROR_PROGRAMS: [&str; 7] = [
     names::PROG_RUST_PANIC,
     names::PROG_RUST_PANIC_STR,
     names::PROG_RUST_PANIC_STRING,
+    names::PROG_GO_PANIC,
 ];
 
 fn load_uprobe(ebpf: &mut Ebpf, program: &'static str) -> Result<(), AttachError> {

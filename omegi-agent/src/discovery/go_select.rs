@@ -26,6 +26,8 @@ pub struct GoTarget {
     /// Byte offset of `goid` in `runtime.g`.
     pub goid_offset: u32,
     pub goid_offset_from: go_offsets::OffsetSource,
+    /// Where panics start, and the type names their values are told by.
+    pub panics: std::sync::Arc<super::go_panic::GoPanics>,
 }
 
 /// The package path of a Go function name: everything before the first
@@ -185,6 +187,7 @@ pub fn discover(
         build,
         goid_offset,
         goid_offset_from,
+        panics: std::sync::Arc::new(super::go_panic::GoPanics::find(file)),
     });
     Ok(table)
 }

@@ -15,6 +15,7 @@ mod dwarf;
 mod elf;
 mod go;
 mod go_offsets;
+pub mod go_panic;
 mod go_select;
 mod names;
 pub mod result_layout;

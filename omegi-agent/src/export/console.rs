@@ -131,7 +131,10 @@ impl ConsoleExporter {
 pub fn render_tree(trace: &Trace, context: &ExportContext, colors: Colors) -> String {
     let mut out = String::new();
     let first = trace.root().or(trace.spans.last());
-    let (pid, tid) = first.map_or((0, 0), |span| (span.pid, span.tid));
+    let (pid, runner) = first.map_or((0, "tid 0".to_owned()), |span| {
+        let what = if span.goroutine { "goroutine" } else { "tid" };
+        (span.pid, format!("{what} {}", span.tid))
+    });
     let duration = trace.root().map(|root| format_duration(root.duration_ns()));
     let title = if trace.is_error() {
         colors.error("error trace")
@@ -139,7 +142,7 @@ pub fn render_tree(trace: &Trace, context: &ExportContext, colors: Colors) -> St
         "trace".to_owned()
     };
     out.push_str(&format!(
-        "{title} {}  pid {pid}  tid {tid}{}{}\n",
+        "{title} {}  pid {pid}  {runner}{}{}\n",
         json::trace_id_hex(trace.trace_id),
         duration.map(|d| format!("  {d}")).unwrap_or_default(),
         if trace.complete {
@@ -334,6 +337,7 @@ mod tests {
             fn_id,
             pid: 7,
             tid: 8,
+            goroutine: false,
             start_unix_ns: start,
             end_unix_ns: end,
             end: SpanEnd::Returned,
@@ -383,6 +387,30 @@ trace 00000000000000000000000000000abc  pid 7  tid 8  2.000 ms
         assert_eq!(value["attributes"]["thread.id"], 8);
         assert_eq!(value["status"]["code"], "UNSET");
         assert_eq!(value["end_time_unix_nano"], 20);
+    }
+
+    #[test]
+    fn a_go_call_names_its_goroutine_not_a_thread() {
+        let mut go_call = span(1, 0, 0, 10, 20);
+        go_call.goroutine = true;
+        let trace = Trace {
+            trace_id: 1,
+            spans: vec![go_call],
+            complete: true,
+            sampled: true,
+            errors: Vec::new(),
+        };
+        let context = std::sync::Arc::new(context());
+        let value = json::span_json(&trace, &trace.spans[0], &context);
+        assert_eq!(value["attributes"]["go.goroutine.id"], 8);
+        assert!(value["attributes"].get("thread.id").is_none());
+        // The fast writer the JSON exporter uses says the same.
+        let mut line = Vec::new();
+        json::SpanWriter::new(context.clone()).write(&mut line, &trace, &trace.spans[0]);
+        let written: serde_json::Value = serde_json::from_slice(&line).expect("one JSON line");
+        assert_eq!(written["attributes"], value["attributes"]);
+        let tree = render_tree(&trace, &context, Colors { enabled: false });
+        assert!(tree.contains("pid 7  goroutine 8"), "{tree}");
     }
 
     #[test]

@@ -65,7 +65,7 @@ pub fn span_json(trace: &Trace, span: &Span, context: &ExportContext) -> Value {
             attributes.insert("code.lineno".into(), line.into());
         }
     }
-    attributes.insert("thread.id".into(), span.tid.into());
+    attributes.insert(span.runner_attribute().into(), span.tid.into());
     attributes.insert("process.pid".into(), span.pid.into());
     attributes.insert("omegi.end".into(), span.end.as_str().into());
     if let Some(caller) = span.caller_span_id {
@@ -165,7 +165,9 @@ impl SpanWriter {
         }
         out.extend_from_slice(b",\"attributes\":{");
         out.extend_from_slice(code.as_bytes());
-        out.extend_from_slice(b"\"thread.id\":");
+        out.push(b'"');
+        out.extend_from_slice(span.runner_attribute().as_bytes());
+        out.extend_from_slice(b"\":");
         push_decimal(out, u64::from(span.tid));
         out.extend_from_slice(b",\"process.pid\":");
         push_decimal(out, u64::from(span.pid));

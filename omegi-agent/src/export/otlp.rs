@@ -238,7 +238,7 @@ pub fn span_data(
             attributes.push(KeyValue::new("code.lineno", i64::from(line)));
         }
     }
-    attributes.push(KeyValue::new("thread.id", i64::from(span.tid)));
+    attributes.push(KeyValue::new(span.runner_attribute(), i64::from(span.tid)));
     attributes.push(KeyValue::new("process.pid", i64::from(span.pid)));
     attributes.push(KeyValue::new("omegi.end", span.end.as_str()));
     if let Some(caller) = span.caller_span_id {
@@ -709,6 +709,7 @@ mod tests {
             fn_id,
             pid: 7,
             tid: 8,
+            goroutine: false,
             start_unix_ns: 1_700_000_000_000_000_000 + id,
             end_unix_ns: 1_700_000_000_000_001_000 - id,
             end: SpanEnd::Returned,

@@ -45,6 +45,7 @@ mod tests {
                 fn_id: 0,
                 pid: 1,
                 tid: 1,
+                goroutine: false,
                 start_unix_ns: 1,
                 end_unix_ns: 2,
                 end: SpanEnd::Returned,

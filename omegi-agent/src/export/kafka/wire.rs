@@ -279,7 +279,7 @@ pub fn wire_span(trace: &Trace, span: &Span, context: &ExportContext) -> Value {
     };
     put("module", module);
     put("name", short);
-    put("thread.id", span.tid.to_string());
+    put(span.runner_attribute(), span.tid.to_string());
     put("process.pid", span.pid.to_string());
     if let Some(http) = &span.http {
         for (key, value) in http.attributes() {
@@ -446,6 +446,7 @@ mod tests {
             fn_id,
             pid: 70,
             tid: 71,
+            goroutine: false,
             start_unix_ns: start,
             end_unix_ns: end,
             end: SpanEnd::Returned,
