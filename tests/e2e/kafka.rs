@@ -728,6 +728,7 @@ mod hand_built {
             fn_id,
             pid: 1,
             tid: 2,
+            goroutine: false,
             start_unix_ns: T0 + id * 1_000_000,
             end_unix_ns: T0 + 100_000_000 - id * 1_000_000,
             end: SpanEnd::Returned,

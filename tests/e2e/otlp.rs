@@ -678,6 +678,7 @@ fn error_traces_always_go_out_with_their_exception() {
             fn_id,
             pid: 40,
             tid: 41,
+            goroutine: false,
             start_unix_ns: 1_700_000_000_000_000_000 + id,
             end_unix_ns: 1_700_000_000_000_005_000 - id,
             end: SpanEnd::Unwound,
