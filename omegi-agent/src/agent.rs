@@ -737,7 +737,9 @@ pub fn describe_table(table: &FunctionTable, mechanism: ReturnMechanism) -> Stri
         .as_ref()
         .is_some_and(|go| go.panics.gopanic.is_some())
     {
-        error_path.push("Go panics (runtime.gopanic, the recovering call's return)");
+        error_path.push(
+            "Go panics (runtime.gopanic, the recovering call's return) and exits (runtime.exit)",
+        );
     }
     error_path.push("fatal signals and failing exits");
     let _ = writeln!(out, "error path: {}", error_path.join(", "));

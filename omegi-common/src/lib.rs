@@ -601,6 +601,7 @@ pub mod names {
     pub const PROG_RUST_PANIC_STRING: &str = "omegi_rust_panic_string";
     pub const PROG_RUST_CATCH: &str = "omegi_rust_catch";
     pub const PROG_GO_PANIC: &str = "omegi_go_panic";
+    pub const PROG_GO_EXIT: &str = "omegi_go_exit";
     pub const PROG_SIGNAL: &str = "omegi_signal";
     pub const PROG_EXIT_GROUP: &str = "omegi_exit_group";
     pub const MAP_EVENTS: &str = "EVENTS";

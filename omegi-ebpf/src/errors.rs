@@ -250,9 +250,48 @@ pub fn omegi_exit_group(ctx: TracePointContext) -> u32 {
     0
 }
 
+/// `runtime.exit(code int32)`, where `os.Exit` ends a Go program, called
+/// on the goroutine's own stack: a non-zero code with traced calls running
+/// on the goroutine is a failing exit, as `exit_group` is for a thread. (A
+/// fatal panic calls it on the system stack, where no goroutine's calls are
+/// found: the panic's own exit below reports that one.) It is assembly with
+/// Go's stack ABI (`runtime.exit.abi0`): the code is the word above the
+/// return address.
+#[uprobe]
+pub fn omegi_go_exit(ctx: ProbeContext) -> u32 {
+    let Some((tgid, _)) = traced_thread() else {
+        return 0;
+    };
+    let regs = unsafe { &*ctx.regs };
+    let code = i64::from(read_u64(regs.rsp + 8) as i32);
+    if code == 0 {
+        return 0;
+    }
+    let Some((stack, _, goid)) = goroutine::current_stack(regs, tgid) else {
+        return 0;
+    };
+    if stack.depth == 0 {
+        return 0;
+    }
+    go_exit(stack, tgid, goid, code);
+    0
+}
+
+/// Reports a Go process's exit with `code` on goroutine `goid`, whose
+/// calls the exit then closes, as a thread's exit closes a thread's.
+#[inline(always)]
+fn go_exit(stack: &mut ThreadStack, tgid: u32, goid: u32, code: i64) {
+    if let Some(event) = reserve(error_kind::EXIT, tgid, goid) {
+        copy_stack(stack, event, 0);
+        event.value = code;
+        submit(event);
+    }
+    let now = unsafe { bpf_ktime_get_ns() };
+    stack::close_frames_above(stack, u64::MAX, now, goid, end_reason::THREAD_EXIT);
+}
+
 /// A Go process exits with `code` after a panic nobody recovered (Go exits
-/// with 2): the exit is reported on the panicking goroutine, whose calls it
-/// then closes, as a thread's exit closes a thread's.
+/// with 2): the exit is reported on the panicking goroutine.
 #[inline(always)]
 fn go_panic_exit(code: i64) {
     let Some((tgid, _)) = traced_thread() else {
@@ -266,13 +305,7 @@ fn go_panic_exit(code: i64) {
         return;
     };
     let goid = stack.owner;
-    if let Some(event) = reserve(error_kind::EXIT, tgid, goid) {
-        copy_stack(stack, event, 0);
-        event.value = code;
-        submit(event);
-    }
-    let now = unsafe { bpf_ktime_get_ns() };
-    stack::close_frames_above(stack, u64::MAX, now, goid, end_reason::THREAD_EXIT);
+    go_exit(stack, tgid, goid, code);
 }
 
 /// Starts an error event with the current thread's stack, if the thread has

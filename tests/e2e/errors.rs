@@ -232,8 +232,9 @@ fn cpp_exceptions_in_a_loop_on_threads_never_break_unwinding() {
 /// string, each recovered in a deferred call of `safely`; then one nobody
 /// recovers, which ends the process with code 2. Each is an error trace with
 /// the value's type and message, the calls it abandoned and its outcome.
+/// And `os.Exit(3)` with `main.main` running is a failing exit.
 #[test]
-fn go_panics_recovered_and_fatal_are_error_traces() {
+fn go_panics_and_failing_exits_are_error_traces() {
     for linking in [Linking::Pie, Linking::NoPie] {
         let described = |traced: &Traced| -> Vec<(String, String, String, Vec<String>)> {
             let mut errors: Vec<_> = exceptions(&traced.spans)
@@ -311,6 +312,23 @@ fn go_panics_recovered_and_fatal_are_error_traces() {
                 "negative amount".into(),
                 "the process exited with code 2".into(),
                 strings(&["main.charge", "main.checkout", "main.main"]),
+            )],
+            "{linking:?}"
+        );
+
+        let traced = trace_unharmed("go/panics.go", linking, &["exit"], &[]);
+        assert_eq!(traced.status.code(), Some(3));
+        let exits: Vec<_> = described(&traced)
+            .into_iter()
+            .filter(|(_, _, outcome, _)| outcome != &caught)
+            .collect();
+        assert_eq!(
+            exits,
+            vec![(
+                "exit".into(),
+                "exit(3) with traced calls running".into(),
+                "the process exited with code 3".into(),
+                strings(&["main.main"]),
             )],
             "{linking:?}"
         );

@@ -49,7 +49,7 @@ fn check_reports_what_this_kernel_allows() {
         "function probes  verified (",
         "tracepoints      fork, exit, fatal signals and exit_group attached",
         "HTTP spans       syscall tracepoints attached, sockets found through BTF",
-        "error path       all 8 programs verified",
+        "error path       all 9 programs verified",
     ] {
         assert!(stdout.contains(line), "no {line:?} in:\n{stdout}");
     }

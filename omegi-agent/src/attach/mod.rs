@@ -954,11 +954,17 @@ impl Probes {
         let go = table
             .go
             .iter()
-            .filter_map(|go| go.panics.gopanic)
-            .map(|file_offset| {
+            .flat_map(|go| {
+                [
+                    (go.panics.gopanic, names::PROG_GO_PANIC),
+                    (go.panics.exit, names::PROG_GO_EXIT),
+                ]
+            })
+            .filter_map(|(offset, program)| Some((offset?, program)))
+            .map(|(file_offset, program)| {
                 (
                     RuntimeSymbol::InBinary { file_offset },
-                    names::PROG_GO_PANIC,
+                    program,
                     "Go runtime",
                 )
             });
@@ -1122,7 +1128,7 @@ fn shared_library(pid: Option<u32>, prefix: &str) -> std::path::PathBuf {
 const STOPPED_GENERATION: u32 = 0x100;
 
 /// The programs of the language runtimes' error paths.
-const ERROR_PROGRAMS: [&str; 8] = [
+const ERROR_PROGRAMS: [&str; 9] = [
     names::PROG_RUST_CATCH,
     names::PROG_CXX_THROW,
     names::PROG_CXX_RETHROW,
@@ -1131,6 +1137,7 @@ const ERROR_PROGRAMS: [&str; 8] = [
     names::PROG_RUST_PANIC_STR,
     names::PROG_RUST_PANIC_STRING,
     names::PROG_GO_PANIC,
+    names::PROG_GO_EXIT,
 ];
 
 fn load_uprobe(ebpf: &mut Ebpf, program: &'static str) -> Result<(), AttachError> {

@@ -25,6 +25,8 @@ const TFLAG_EXTRA_STAR: u8 = 2;
 pub struct GoPanics {
     /// File offset of `runtime.gopanic`.
     pub gopanic: Option<u64>,
+    /// File offset of `runtime.exit.abi0`, where `os.Exit` ends the program.
+    pub exit: Option<u64>,
     /// Link-time address of `runtime.types`.
     types_start: u64,
     /// The bytes from `runtime.types` to `runtime.etypes`, as in the file.
@@ -32,7 +34,7 @@ pub struct GoPanics {
 }
 
 impl GoPanics {
-    /// Finds `runtime.gopanic` and the type data in `file`.
+    /// Finds `runtime.gopanic`, `runtime.exit` and the type data in `file`.
     pub fn find(file: &object::File<'_>) -> Self {
         let mut found = Self::default();
         let (mut start, mut end) = (None, None);
@@ -40,6 +42,10 @@ impl GoPanics {
             match symbol.name() {
                 Ok("runtime.gopanic") if symbol.kind() == SymbolKind::Text => {
                     found.gopanic = elf::file_offset(file, symbol.address());
+                }
+                // Assembly with the stack ABI, which the kernel side reads.
+                Ok("runtime.exit.abi0") if symbol.kind() == SymbolKind::Text => {
+                    found.exit = elf::file_offset(file, symbol.address());
                 }
                 Ok("runtime.types") => start = Some(symbol.address()),
                 Ok("runtime.etypes") => end = Some(symbol.address()),
