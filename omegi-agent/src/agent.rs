@@ -338,6 +338,8 @@ async fn trace(
     report_summary(&reader_stats, &counters, &exporter_stats, in_flight.len());
     let detached = lock(&detached);
     if !detached.is_empty() {
+        // Every one, for the record (the warnings while tracing name only
+        // the costliest of each round).
         tracing::warn!(
             "{} function{} detached by the overhead budget (--overhead-budget): {}",
             detached.len(),
@@ -502,17 +504,37 @@ async fn watch_budget(mut watch: BudgetWatch, context: BudgetContext) {
         if let (Some(verdict), false) = (verdict, gone.is_empty()) {
             report_verdict(verdict, watch.budget(), gone.len());
         }
-        for function in gone {
+        let mut gone = gone;
+        gone.sort_by(|a, b| b.probe_ns_per_second.total_cmp(&a.probe_ns_per_second));
+        for (index, function) in gone.iter().enumerate() {
             let name = context.name(function.id);
-            report_detached(&name, function, watch.budget());
+            if index < NAMED_DETACHED {
+                report_detached(&name, function, watch.budget());
+            }
             lock(&context.detached).push(Dropped {
                 id: function.id,
                 name,
-                hot: *function,
+                hot: **function,
             });
+        }
+        if gone.len() > NAMED_DETACHED {
+            tracing::warn!(
+                "detached {} more function{} over the overhead budget (all are named at the end)",
+                gone.len() - NAMED_DETACHED,
+                if gone.len() - NAMED_DETACHED == 1 {
+                    ""
+                } else {
+                    "s"
+                },
+            );
         }
     }
 }
+
+/// How many detached functions a message names one by one, the costliest
+/// first; the others are counted (a library of thousands of functions can
+/// lose hundreds at once, which would be a page of warnings).
+const NAMED_DETACHED: usize = 8;
 
 fn report_verdict(verdict: Verdict, budget: Budget, count: usize) {
     let share = if verdict.probe_ns_per_second < verdict.cpu_ns_per_second {

@@ -36,6 +36,7 @@ mod instructions;
 mod per_call;
 mod rates;
 mod report;
+mod sqlite;
 
 use report::{Machine, Report};
 
@@ -98,6 +99,8 @@ pub fn bench(options: &Options) -> Result<()> {
     report.min_duration = bench.min_duration()?;
     println!("\n== overhead budget");
     report.budget = bench.budget()?;
+    println!("\n== a real library: SQLite");
+    report.sqlite = bench.sqlite()?;
     println!("\n== HTTP server throughput under wrk");
     report.http = bench.http()?;
     println!("\n== attach and detach time");

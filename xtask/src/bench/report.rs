@@ -16,6 +16,7 @@ use super::{
     instructions::{self, InstructionCost},
     per_call::{self, PerCall},
     rates::{self, RateRow},
+    sqlite::{self, SqliteRow},
     Options,
 };
 use crate::root;
@@ -32,6 +33,7 @@ pub(super) struct Report {
     pub(super) drain: Vec<RateRow>,
     pub(super) min_duration: Vec<RateRow>,
     pub(super) budget: Vec<BudgetRow>,
+    pub(super) sqlite: Vec<SqliteRow>,
     pub(super) http: Vec<HttpRow>,
     pub(super) attach: Vec<AttachRow>,
     pub(super) assembly: Vec<AssemblyRow>,
@@ -174,6 +176,7 @@ impl Report {
         bpf_time::markdown(&mut md, &self.bpf_time);
         rates::markdown(&mut md, &self.rates, &self.drain, &self.min_duration);
         budget::markdown(&mut md, &self.budget);
+        sqlite::markdown(&mut md, &self.sqlite);
         http::markdown(&mut md, &self.http);
         attach::markdown(&mut md, &self.attach);
         assembly::markdown(&mut md, &self.assembly);
