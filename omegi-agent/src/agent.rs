@@ -440,17 +440,34 @@ fn cpu_per_second(ns_per_second: f64) -> String {
     format!("≈{:.1} ms of CPU a second in probes", ns_per_second / 1e6)
 }
 
-/// Once a second, detaches the functions over the overhead budget. A
-/// function is taken as detached only once its probes are gone; one whose
-/// detach failed stays traced and is tried again, then given up on with one
-/// warning.
+/// How often the overhead budget decides: every [`BUDGET_EARLY_PERIOD`] in
+/// the first [`BUDGET_EARLY`] after attaching (a program that is over in
+/// less than a second, or whose start is its hot part, would otherwise run
+/// a whole second with every probe), then once a second.
+const BUDGET_EARLY: Duration = Duration::from_secs(2);
+const BUDGET_EARLY_PERIOD: Duration = Duration::from_millis(250);
+const BUDGET_PERIOD: Duration = Duration::from_secs(1);
+
+/// Detaches the functions over the overhead budget, four times a second at
+/// first, then once a second. A function is taken as detached only once its
+/// probes are gone; one whose detach failed stays traced and is tried again,
+/// then given up on with one warning.
 async fn watch_budget(mut watch: BudgetWatch, context: BudgetContext) {
-    let mut ticks = tokio::time::interval(Duration::from_secs(1));
-    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut last = Instant::now();
+    let started = Instant::now();
+    let mut last = started;
+    // The first look only takes the counts the next ones are compared with.
+    let mut next = started;
     loop {
-        ticks.tick().await;
+        tokio::time::sleep_until(next.into()).await;
         let now = Instant::now();
+        // From now, not from when it was due: a slow detach delays the next
+        // look rather than bunching looks together.
+        next = now
+            + if now.duration_since(started) < BUDGET_EARLY {
+                BUDGET_EARLY_PERIOD
+            } else {
+                BUDGET_PERIOD
+            };
         let cpu = context.cpu();
         let pinned = lock(&context.error_functions).clone();
         let (hot, verdict) = watch.check(context.counters.read(), cpu, now - last, &|id| {

@@ -14,7 +14,9 @@
 //!
 //! # How
 //!
-//! Once a second the agent reads the kernel's per-function call counts (the
+//! Four times a second for the first two seconds after attaching, then once
+//! a second (`agent::watch_budget`), the agent reads the kernel's
+//! per-function call counts (the
 //! `FUNCTIONS` map, which it has mapped, so no system call) and the traced
 //! processes' CPU time (`utime + stime` in `/proc/PID/stat`, summed over the
 //! processes). The probes' CPU time is estimated as calls × the cost of the
@@ -424,7 +426,14 @@ impl BudgetWatch {
         let seconds = elapsed.as_secs_f64();
         let mut chosen = Vec::new();
         let mut verdict = None;
-        if seconds > 0.0 && self.last.len() == counts.len() {
+        // No CPU time at all: the traced processes are gone (or were never
+        // read), and there is nothing to weigh the probes against.
+        let no_cpu = matches!(self.budget, Budget::Slowdown(_))
+            && self
+                .last_cpu
+                .as_ref()
+                .is_some_and(|last| cpu.since(last) == 0);
+        if seconds > 0.0 && self.last.len() == counts.len() && !no_cpu {
             let windows = counts.iter().zip(&self.last).enumerate();
             match self.budget {
                 Budget::Slowdown(share) => {
