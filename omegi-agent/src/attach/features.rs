@@ -131,8 +131,9 @@ pub fn socket_offsets_in(types: &KernelTypes) -> Result<omegi_common::SocketOffs
 /// structures omegi needs cost milliseconds, where parsing all of the
 /// kernel's hundred thousand types first took over a second in a debug
 /// build (and twenty under the kernel VMs' emulation), at every start. The
-/// bytes are copied into a memory file first: sysfs lets the BTF be mapped
-/// only from Linux 6.15 on.
+/// bytes are copied into a memory file first: only recent kernels let
+/// sysfs's copy be mapped (this machine's 6.18 does; the 5.10 and 6.1 the
+/// tests boot are not relied on to).
 pub struct KernelTypes(btf_rs::Btf);
 
 impl KernelTypes {
