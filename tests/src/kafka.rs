@@ -27,13 +27,7 @@ pub fn tansu_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("OMEGI_TANSU") {
         return PathBuf::from(path);
     }
-    let tools = std::env::var_os("OMEGI_TOOLS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
-                .join(".local/share/omegi-tools")
-        });
-    tools.join("tansu/bin/tansu")
+    crate::tools_dir().join("tansu/bin/tansu")
 }
 
 /// A loopback port nobody listens on right now.

@@ -30,6 +30,17 @@ pub fn tests_dir() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// Where `cargo xtask setup` installs the test tools: `OMEGI_TOOLS_DIR`, or
+/// `~/.local/share/omegi-tools` (kept in step with xtask's `setup::tools_dir`).
+pub fn tools_dir() -> PathBuf {
+    std::env::var_os("OMEGI_TOOLS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".local/share/omegi-tools")
+        })
+}
+
 /// The workspace's target directory (`CARGO_TARGET_DIR` is honoured).
 pub fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR")

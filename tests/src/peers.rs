@@ -357,15 +357,7 @@ pub fn python_otel_dir() -> PathBuf {
     if let Some(path) = std::env::var_os("OMEGI_PYTHON_OTEL") {
         return PathBuf::from(path);
     }
-    let tools = std::env::var_os("OMEGI_TOOLS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            std::env::var_os("HOME")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| "/root".into())
-                .join(".local/share/omegi-tools")
-        });
-    tools.join("python-otel")
+    crate::tools_dir().join("python-otel")
 }
 
 /// The Python peers' interpreter; panics with what to do when the virtual
