@@ -329,28 +329,17 @@ pub fn freeze(error: &ThreadError) -> Arc<ErrorInfo> {
     Arc::new(error.info.clone())
 }
 
-/// How a Go program's panic values read: its type names, and where each
-/// traced function's entry probe is, to take the load bias off a type
-/// descriptor's runtime address.
+/// How a Go program's panic values read: its type names (the table's
+/// [`GoPanics`](crate::discovery::go_panic::GoPanics)), and where each traced
+/// function's entry probe is, to take the load bias off a type descriptor's
+/// runtime address.
 #[derive(Debug)]
-pub struct GoPanicValues {
-    panics: Arc<crate::discovery::go_panic::GoPanics>,
-    /// Link-time address of each function's entry probe, by function id.
-    entries: Vec<Option<u64>>,
-}
+pub struct GoPanicValues(Arc<crate::discovery::FunctionTable>);
 
 impl GoPanicValues {
     /// For `table`'s program, if it is a Go program.
-    pub fn of(table: &crate::discovery::FunctionTable) -> Option<Self> {
-        let go = table.go.as_ref()?;
-        Some(Self {
-            panics: Arc::clone(&go.panics),
-            entries: table
-                .functions
-                .iter()
-                .map(|function| function.code.entry.as_ref().map(|site| site.address))
-                .collect(),
-        })
+    pub fn of(table: &Arc<crate::discovery::FunctionTable>) -> Option<Self> {
+        table.go.is_some().then(|| Self(Arc::clone(table)))
     }
 
     /// The panic's type name (`panic` when it is not known) and message.
@@ -360,9 +349,14 @@ impl GoPanicValues {
         let type_name = (event.depth > 0)
             .then(|| {
                 let frame = &event.frames[0];
-                let entry = (*self.entries.get(frame.fn_id as usize)?)?;
-                let bias = frame.entry_ip.wrapping_sub(entry);
-                self.panics
+                let function = self.0.functions.get(frame.fn_id as usize)?;
+                let bias = frame
+                    .entry_ip
+                    .wrapping_sub(function.code.entry.as_ref()?.address);
+                self.0
+                    .go
+                    .as_ref()?
+                    .panics
                     .type_name((event.value as u64).wrapping_sub(bias))
             })
             .flatten();

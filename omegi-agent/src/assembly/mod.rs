@@ -326,7 +326,7 @@ impl Assembler {
     }
 
     /// Names the values of a Go program's panics (`table` is the program's).
-    pub fn with_go_panics(mut self, table: &crate::discovery::FunctionTable) -> Self {
+    pub fn with_go_panics(mut self, table: &Arc<crate::discovery::FunctionTable>) -> Self {
         self.go_panics = errors::GoPanicValues::of(table);
         self
     }
