@@ -137,25 +137,26 @@ fn panic_message(ptr: u64, len: u64) {
     let Some(event) = reserve(error_kind::RUST_PANIC_MESSAGE, tgid, tid) else {
         return;
     };
-    read_message(ptr, len, event);
+    read_bytes(ptr, len, event, text::MESSAGE);
     submit(event);
 }
 
 /// Copies up to [`ERROR_TEXT_LEN`] of the `len` bytes at `ptr` into the
-/// event's message.
+/// event's text `index`, its length 0 when the read failed.
 #[inline(always)]
-fn read_message(ptr: u64, len: u64, event: &mut ErrorEvent) {
+fn read_bytes(ptr: u64, len: u64, event: &mut ErrorEvent, index: usize) {
+    let index = index & 3;
     let len = (len as usize).min(ERROR_TEXT_LEN);
-    let destination = &mut event.texts[text::MESSAGE];
+    let destination = &mut event.texts[index];
     let read = unsafe {
         generated::bpf_probe_read_user(destination.as_mut_ptr().cast(), len as u32, ptr as *const _)
     };
-    event.text_lens[text::MESSAGE] = if read == 0 { len as u16 } else { 0 };
+    event.text_lens[index] = if read == 0 { len as u16 } else { 0 };
 }
 
 /// How many bytes behind a Go panic value's data word go to the agent as
 /// they are: a `runtime.boundsError` (two words, a flag and a code).
-const GO_VALUE_BYTES: u32 = 24;
+const GO_VALUE_BYTES: u64 = 24;
 
 /// `runtime.gopanic(e any)`, in Go's register ABI: RAX is the panic value's
 /// type descriptor, RBX its data word. The goroutine's traced calls are the
@@ -183,12 +184,8 @@ pub fn omegi_go_panic(ctx: ProbeContext) -> u32 {
     copy_stack(stack, event, 0);
     event.value = regs.rax as i64;
     let data = regs.rbx;
-    read_message(read_u64(data), read_u64(data + 8), event);
-    let raw = &mut event.texts[text::GO_VALUE];
-    let read = unsafe {
-        generated::bpf_probe_read_user(raw.as_mut_ptr().cast(), GO_VALUE_BYTES, data as *const _)
-    };
-    event.text_lens[text::GO_VALUE] = if read == 0 { GO_VALUE_BYTES as u16 } else { 0 };
+    read_bytes(read_u64(data), read_u64(data + 8), event, text::MESSAGE);
+    read_bytes(data, GO_VALUE_BYTES, event, text::GO_VALUE);
     submit(event);
     0
 }

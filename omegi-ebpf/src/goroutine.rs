@@ -71,8 +71,7 @@ fn current(regs: &pt_regs, tgid: u32) -> Option<(u64, u64, u64)> {
 #[inline(always)]
 pub fn current_stack(regs: &pt_regs, tgid: u32) -> Option<(&'static mut ThreadStack, u64, u32)> {
     let (key, goid, _) = current(regs, tgid)?;
-    let stack = GOROUTINES.get_ptr_mut(&key)?;
-    Some((unsafe { &mut *stack }, key, goid as u32))
+    Some((stack_by_key(key)?, key, goid as u32))
 }
 
 /// The calls of the goroutine `key`.
