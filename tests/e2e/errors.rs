@@ -299,39 +299,46 @@ fn go_panics_and_failing_exits_are_error_traces() {
             );
         }
 
-        let traced = trace_unharmed("go/panics.go", linking, &["crash"], &[]);
-        assert_eq!(traced.status.code(), Some(2));
-        let fatal: Vec<_> = described(&traced)
-            .into_iter()
-            .filter(|(_, _, outcome, _)| outcome != &caught)
-            .collect();
-        assert_eq!(
-            fatal,
-            vec![(
-                "*errors.errorString".into(),
-                "negative amount".into(),
-                "the process exited with code 2".into(),
-                strings(&["main.charge", "main.checkout", "main.main"]),
-            )],
-            "{linking:?}"
-        );
-
-        let traced = trace_unharmed("go/panics.go", linking, &["exit"], &[]);
-        assert_eq!(traced.status.code(), Some(3));
-        let exits: Vec<_> = described(&traced)
-            .into_iter()
-            .filter(|(_, _, outcome, _)| outcome != &caught)
-            .collect();
-        assert_eq!(
-            exits,
-            vec![(
-                "exit".into(),
-                "exit(3) with traced calls running".into(),
-                "the process exited with code 3".into(),
-                strings(&["main.main"]),
-            )],
-            "{linking:?}"
-        );
+        // Then a panic nobody recovers (Go exits with 2), and os.Exit(3):
+        // one error each besides the recovered ones.
+        for (mode, code, ending) in [
+            (
+                "crash",
+                2,
+                (
+                    "*errors.errorString",
+                    "negative amount",
+                    strings(&["main.charge", "main.checkout", "main.main"]),
+                ),
+            ),
+            (
+                "exit",
+                3,
+                (
+                    "exit",
+                    "exit(3) with traced calls running",
+                    strings(&["main.main"]),
+                ),
+            ),
+        ] {
+            let traced = trace_unharmed("go/panics.go", linking, &[mode], &[]);
+            assert_eq!(traced.status.code(), Some(code), "{mode}");
+            let uncaught: Vec<_> = described(&traced)
+                .into_iter()
+                .filter(|(_, _, outcome, _)| outcome != &caught)
+                .collect();
+            let (type_name, message, flow) = ending;
+            assert_eq!(
+                uncaught,
+                vec![(
+                    type_name.into(),
+                    message.into(),
+                    format!("the process exited with code {code}"),
+                    flow,
+                )],
+                "{mode} {linking:?}"
+            );
+        }
     }
 }
 
