@@ -129,6 +129,7 @@ fn span_event(fn_id: u32, tid: u32, depth: u32, ids: (u64, u64, u64), time: u64)
         parent_span_id,
         trace_key,
         ret: 0,
+        entry_ip: 0,
     }
 }
 

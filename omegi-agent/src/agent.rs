@@ -16,10 +16,10 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::{
     assembly::{Assembler, Clock},
-    attach::{FunctionCounters, Probes, ReturnMechanism},
+    attach::{python_hook::EvalHook, FunctionCounters, Probes, ReturnMechanism},
     budget::{Budget, BudgetWatch, CpuSample, HotFunction, ProbeCosts, Verdict},
     config::{Config, Target},
-    discovery::{FunctionTable, ProbeCost},
+    discovery::{python, FunctionTable, ProbeCost},
     events::{self, KernelCounters, Reader, ReaderStats},
     export::{ExportContext, Exporters},
     process::{self, ExitKind, GatedChild, ProcessError},
@@ -68,7 +68,35 @@ pub fn run(config: Config) -> anyhow::Result<Outcome> {
         }
     };
 
-    let mut table = FunctionTable::discover_named(&attach_path, &binary, &config.selection)?;
+    // A Python interpreter is traced through its eval function, which may
+    // live in a library: the probes go there.
+    let running_pid = match config.target {
+        Target::Pid(pid) => Some(pid),
+        _ => None,
+    };
+    let exe_data =
+        std::fs::read(&attach_path).map_err(|source| crate::discovery::DiscoveryError::Io {
+            path: binary.clone(),
+            source,
+        })?;
+    let interpreter = python::interpreter_file(&attach_path, &binary, &exe_data, running_pid)?;
+    let (mut table, attach_path) = match interpreter {
+        Some(interpreter) => {
+            let data = std::fs::read(&interpreter.read_path).map_err(|source| {
+                crate::discovery::DiscoveryError::Io {
+                    path: interpreter.path.clone(),
+                    source,
+                }
+            })?;
+            let table = FunctionTable::python(&binary, &interpreter, &data, &config.selection)?;
+            (table, interpreter.read_path)
+        }
+        None => (
+            FunctionTable::from_bytes(&binary, &exe_data, &config.selection)?,
+            attach_path,
+        ),
+    };
+    drop(exe_data);
     if config.entry_at_first_instruction {
         table.probe_entries_at_first_instruction();
     }
@@ -160,6 +188,29 @@ async fn trace(
         let (op, bits, value) = rule.kernel_form();
         counters.set_rule(*id, op, bits, value);
     }
+    if let Some(python) = &table.python {
+        // A NULL result is how a Python call ends by an exception: such
+        // calls are kept by --min-duration like any failing call.
+        for function in table.functions.iter().filter(|f| f.runs_python) {
+            counters.set_rule(function.id, omegi_common::rule_op::EQUAL, 64, 0);
+        }
+        tracing::info!(
+            "{} is Python {} ({}): tracing the Python functions whose files lie under {}",
+            table.binary.display(),
+            python.version(),
+            python.library.display(),
+            python.project_root.display(),
+        );
+        if python.inlines_calls() && !config.python_eval_hook {
+            tracing::warn!(
+                "Python {} runs a Python function called from Python inside its caller's eval \
+                 loop: only calls made from C are traced (a thread's first, callbacks, a \
+                 framework's call of a handler); --python-eval-hook makes every call visible \
+                 (one pointer written into the interpreter, set back at detach)",
+                python.version()
+            );
+        }
+    }
     let report = probes.attach_functions(&table, &attach_path, mechanism)?;
     let running_pid = match config.target {
         Target::Pid(pid) => Some(pid),
@@ -198,7 +249,8 @@ async fn trace(
         rules,
     )
     .with_http_stats(Arc::clone(&reader_stats.http))
-    .with_go_panics(&table);
+    .with_go_panics(&table)
+    .with_python(&table);
     let reader = Reader::start(
         maps,
         assembler,
@@ -242,12 +294,14 @@ async fn trace(
         ))
     });
 
+    let hooks = PythonHooks::new(&config, &table, &attach_path);
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let ending = match (&config.target, child) {
         (Target::Command(_), Some(child)) => {
             lock(&probes).trace_process(child.pid())?;
             let pid = child.release()?;
+            hooks.install_when_ready(pid);
             let mut waiting = tokio::task::spawn_blocking(move || process::wait_child(pid));
             let mut signals_seen = 0;
             loop {
@@ -280,6 +334,7 @@ async fn trace(
             if !process::is_alive(pid) {
                 return Err(ProcessError::ExitedDuringAttach(pid).into());
             }
+            hooks.install(pid);
             tokio::select! {
                 exited = process::wait_exit(pid) => { exited?; Ending::TargetExited }
                 _ = interrupt.recv() => Ending::Interrupted,
@@ -302,6 +357,7 @@ async fn trace(
         task.abort();
         let _ = task.await;
     }
+    hooks.remove_all();
     let detaching = Instant::now();
     let links = {
         let mut probes = lock(&probes);
@@ -313,6 +369,13 @@ async fn trace(
         detaching.elapsed().as_secs_f64()
     );
     let (maps, mut assembler) = reader.stop();
+    if assembler.python_functions_seen() == Some(0) {
+        tracing::warn!(
+            "no Python function under the project root {} ran while traced: is \
+             OMEGI_PROJECT_ROOT (--project-root) the directory of the program's .py files?",
+            config.selection.project_root.display()
+        );
+    }
     let mut in_flight = events::calls_in_flight(&maps);
     {
         // A detached function's call still on a stack lost its exit probe:
@@ -361,6 +424,88 @@ async fn trace(
         Ending::ChildEnded(ExitKind::Signal(signal)) => Outcome::Signal(signal),
         Ending::TargetExited | Ending::Interrupted => Outcome::Exit(0),
     })
+}
+
+/// The eval hooks set in traced Python processes (`--python-eval-hook`).
+struct PythonHooks {
+    /// What installing needs: the interpreter and its file's bytes; `None`
+    /// when there is nothing to hook.
+    interpreter: Option<Arc<(crate::discovery::python::PythonTarget, PathBuf, Vec<u8>)>>,
+    set: Arc<Mutex<Vec<EvalHook>>>,
+}
+
+impl PythonHooks {
+    fn new(config: &Config, table: &FunctionTable, library: &std::path::Path) -> Self {
+        let interpreter = table
+            .python
+            .as_ref()
+            .filter(|python| config.python_eval_hook && python.inlines_calls())
+            .filter(|_| {
+                if matches!(config.target, Target::Binary(_)) {
+                    tracing::warn!(
+                        "--python-eval-hook is for --pid and a command: with --binary, the \
+                         processes are not known in advance (only calls made from C are traced)"
+                    );
+                    return false;
+                }
+                true
+            })
+            .and_then(|python| {
+                let data = std::fs::read(library).ok()?;
+                Some(Arc::new((python.clone(), library.to_owned(), data)))
+            });
+        Self {
+            interpreter,
+            set: Arc::new(Mutex::new(Vec::new())),
+        }
+    }
+
+    /// In a running interpreter.
+    fn install(&self, pid: u32) {
+        let Some(interpreter) = &self.interpreter else {
+            return;
+        };
+        let (python, library, data) = &**interpreter;
+        match EvalHook::install(pid, python, library, data) {
+            Ok(hook) => {
+                tracing::info!("eval hook set in process {pid}: every Python call is traced");
+                lock(&self.set).push(hook);
+            }
+            Err(error) => {
+                tracing::warn!("no eval hook (only calls made from C are traced): {error}")
+            }
+        }
+    }
+
+    /// In a process just started, once its interpreter is set up.
+    fn install_when_ready(&self, pid: u32) {
+        let Some(interpreter) = self.interpreter.clone() else {
+            return;
+        };
+        let set = Arc::clone(&self.set);
+        std::thread::spawn(move || {
+            let (python, library, data) = &*interpreter;
+            match EvalHook::install_when_ready(pid, python, library, data, Duration::from_secs(30))
+            {
+                Ok(hook) => {
+                    tracing::debug!("eval hook set in process {pid}");
+                    lock(&set).push(hook);
+                }
+                Err(error) => {
+                    tracing::warn!("no eval hook (only calls made from C are traced): {error}")
+                }
+            }
+        });
+    }
+
+    /// Sets every hook back.
+    fn remove_all(&self) {
+        for hook in lock(&self.set).drain(..) {
+            if let Err(error) = hook.remove() {
+                tracing::warn!("could not set the eval hook back: {error}");
+            }
+        }
+    }
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -202,6 +202,22 @@ pub struct Cli {
     #[arg(long, default_value_t = omegi_common::THREAD_SLOTS, value_name = "N", hide = true)]
     pub thread_slots: u32,
 
+    /// Python 3.11+ runs a call of Python code from Python without entering
+    /// its eval function, so only calls made from C are seen. This makes
+    /// every call visible by setting the interpreter's eval-frame function
+    /// (PEP 523) to its own default: one pointer written into the traced
+    /// interpreter, set back at detach. Python code then runs without call
+    /// inlining (slower calls). Clashes with debuggers that use PEP 523.
+    #[arg(
+        long,
+        env = "OMEGI_PYTHON_EVAL_HOOK",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        default_value_t = false,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub python_eval_hook: bool,
+
     /// Put each entry probe on the function's first instruction even when it
     /// is an endbr64 (single-stepped) followed by a cheaper one (for
     /// measuring what probe placement buys).

@@ -101,6 +101,8 @@ pub struct Config {
     pub budget: Option<Budget>,
     /// `--entry-at-first-instruction` (benchmarking probe placement).
     pub entry_at_first_instruction: bool,
+    /// `--python-eval-hook`: make every Python call enter the eval function.
+    pub python_eval_hook: bool,
 }
 
 impl Config {
@@ -169,6 +171,7 @@ impl Config {
             },
             budget,
             entry_at_first_instruction: cli.entry_at_first_instruction,
+            python_eval_hook: cli.python_eval_hook,
         })
     }
 }

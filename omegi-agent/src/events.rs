@@ -14,7 +14,9 @@ use std::{
 };
 
 use aya::maps::{MapData, PerCpuArray};
-use omegi_common::{counter, event_kind, ErrorEvent, Frame, HttpEvent, SpanEvent, ThreadExitEvent};
+use omegi_common::{
+    counter, event_kind, ErrorEvent, Frame, HttpEvent, PythonCodeEvent, SpanEvent, ThreadExitEvent,
+};
 
 use crate::{
     assembly::{Assembler, Clock, Trace, IDLE_PIECE_AFTER},
@@ -106,6 +108,7 @@ pub enum Event {
     Error(Box<ErrorEvent>),
     ThreadExit(ThreadExitEvent),
     Http(Box<HttpEvent>),
+    PythonCode(Box<PythonCodeEvent>),
 }
 
 /// Decodes one ring buffer record.
@@ -116,6 +119,9 @@ pub fn decode(record: &[u8]) -> Option<Event> {
         event_kind::ERROR => read::<ErrorEvent>(record).map(|event| Event::Error(Box::new(event))),
         event_kind::THREAD_EXIT => read::<ThreadExitEvent>(record).map(Event::ThreadExit),
         event_kind::HTTP => read::<HttpEvent>(record).map(|event| Event::Http(Box::new(event))),
+        event_kind::PYTHON_CODE => {
+            read::<PythonCodeEvent>(record).map(|event| Event::PythonCode(Box::new(event)))
+        }
         _ => None,
     }
 }
@@ -217,6 +223,10 @@ fn drain(
             Some(Event::ThreadExit(event)) => assembler.on_thread_exit(&event),
             Some(Event::Http(event)) => {
                 assembler.on_http(&event);
+                Vec::new()
+            }
+            Some(Event::PythonCode(event)) => {
+                assembler.on_python_code(&event);
                 Vec::new()
             }
             None => {

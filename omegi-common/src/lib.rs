@@ -24,6 +24,16 @@ pub const EXIT_KIND_SHIFT: u64 = 32;
 /// [`span_flags::OPEN_EXITS`]).
 pub const ENTRY_FLAGS_SHIFT: u64 = 32;
 
+/// An entry cookie flag (above the span flags): the function is a Python
+/// interpreter's eval function, which runs one Python call; what the call
+/// is comes from its frame (`python.rs` in the kernel side).
+pub const ENTRY_PYTHON_EVAL: u64 = 1 << (ENTRY_FLAGS_SHIFT + 15);
+
+/// An exit cookie flag: an exit of the Python eval function. Most of its
+/// calls are not traced (code outside the project root), so an exit that
+/// matches no frame is expected and not counted as unmatched.
+pub const EXIT_PYTHON_EVAL: u64 = 1 << (EXIT_KIND_SHIFT + 15);
+
 /// The `TGIDS` key that turns tracing on for every process when
 /// `ALL_PROCESSES` is set (no process has pid 0). The agent stops tracing at
 /// once, for every probe, by emptying `TGIDS` before it detaches them one by
@@ -59,6 +69,9 @@ pub mod event_kind {
     /// An [`HttpEvent`](super::HttpEvent): bytes of an HTTP/1.x message on a
     /// traced process's TCP socket.
     pub const HTTP: u32 = 4;
+    /// A [`PythonCodeEvent`](super::PythonCodeEvent): a Python code object
+    /// under the project root, seen for the first time.
+    pub const PYTHON_CODE: u32 = 5;
 }
 
 /// Why a traced call's span ended.
@@ -212,6 +225,53 @@ pub struct SpanEvent {
     /// `rax` when the call returned through a `ret` (its return value);
     /// 0 for other ends.
     pub ret: u64,
+    /// The frame's [`Frame::entry_ip`]: for a Python call, its code object.
+    pub entry_ip: u64,
+}
+
+/// Bytes of a Python source file's path a [`PythonCodeEvent`] carries (and
+/// the most a project root may have).
+pub const PYTHON_PATH_MAX: usize = 256;
+
+/// Bytes of a Python function's qualified name a [`PythonCodeEvent`] carries.
+pub const PYTHON_NAME_MAX: usize = 128;
+
+/// The first call of a Python code object whose file lies under the project
+/// root, in process `tgid`: its name and place, read once in the kernel
+/// (the process may be gone by the time its spans are named).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PythonCodeEvent {
+    /// Always [`event_kind::PYTHON_CODE`].
+    pub kind: u32,
+    pub tgid: u32,
+    /// The code object's address (a [`SpanEvent::entry_ip`] of its calls).
+    pub code: u64,
+    /// `co_firstlineno`.
+    pub line: u32,
+    pub _pad: u32,
+    /// `co_filename`, NUL-terminated (ASCII only).
+    pub filename: [u8; PYTHON_PATH_MAX],
+    /// `co_qualname` (3.11+) or `co_name`, NUL-terminated.
+    pub name: [u8; PYTHON_NAME_MAX],
+}
+
+/// Where the kernel side finds a Python call's code and the code's name
+/// (bytes, for the interpreter's version), set by the agent.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PythonOffsets {
+    /// Of the code object in the frame the eval function gets in `rsi`
+    /// (a `PyFrameObject` in 3.10, a `_PyInterpreterFrame` from 3.11).
+    pub frame_code: u32,
+    /// Of `co_filename`, `co_qualname` (or `co_name`), `co_firstlineno`.
+    pub code_filename: u32,
+    pub code_name: u32,
+    pub code_line: u32,
+    /// Of the characters of a compact ASCII `str` (48 to 3.11, 40 from 3.12).
+    pub ascii_data: u32,
+    /// Bytes of the project root (with its trailing `/`) in `PYTHON_ROOT`.
+    pub root_len: u32,
 }
 
 /// The `fn_id` of a span that is not a function call (an HTTP span).
@@ -577,6 +637,8 @@ pub mod globals {
     pub const HTTP_ENABLED: &str = "HTTP_ENABLED";
     /// [`SocketOffsets`](super::SocketOffsets), from the kernel's BTF.
     pub const SOCKET_OFFSETS: &str = "SOCKET_OFFSETS";
+    /// [`PythonOffsets`](super::PythonOffsets), for a Python interpreter.
+    pub const PYTHON_OFFSETS: &str = "PYTHON_OFFSETS";
 }
 
 /// Names of the programs and maps in the eBPF object.
@@ -613,6 +675,10 @@ pub mod names {
     pub const MAP_FUNCTIONS: &str = "FUNCTIONS";
     pub const MAP_PROBE_SITES: &str = "PROBE_SITES";
     pub const MAP_CONNECTIONS: &str = "CONNECTIONS";
+    /// The project root's bytes, for Python code's file names.
+    pub const MAP_PYTHON_ROOT: &str = "PYTHON_ROOT";
+    /// Python code objects seen, by process, and whether they are traced.
+    pub const MAP_PYTHON_CODES: &str = "PYTHON_CODES";
     /// HTTP on sockets: the programs on syscall tracepoints.
     pub const PROG_IO_READ: &str = "omegi_io_read";
     pub const PROG_IO_WRITE: &str = "omegi_io_write";
@@ -645,3 +711,9 @@ unsafe impl aya::Pod for HttpEvent {}
 #[cfg(feature = "user")]
 // SAFETY: as above.
 unsafe impl aya::Pod for SocketOffsets {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for PythonOffsets {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for PythonCodeEvent {}

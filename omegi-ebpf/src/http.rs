@@ -621,6 +621,7 @@ fn emit_server(
         parent_span_id: 0,
         trace_key: span_id,
         ret: u64::from(fd),
+        entry_ip: 0,
     });
 }
 
@@ -641,6 +642,7 @@ fn emit_client(call: &ClientCall, tgid: u32, now: u64, reason: u32, fd: u32) {
         parent_span_id: call.parent_span_id,
         trace_key: call.trace_key,
         ret: u64::from(fd),
+        entry_ip: 0,
     });
 }
 

@@ -24,6 +24,7 @@
 mod errors;
 mod goroutine;
 mod http;
+mod python;
 mod stack;
 
 use aya_ebpf::{
@@ -38,7 +39,8 @@ use aya_ebpf::{
 };
 use omegi_common::{
     counter, end_reason, event_kind, span_flags, state, FunctionState, ThreadExitEvent,
-    ThreadStack, ALL_PROCESSES_KEY, ENTRY_FLAGS_SHIFT, EXIT_KIND_SHIFT, GENERATION_SHIFT,
+    ThreadStack, ALL_PROCESSES_KEY, ENTRY_FLAGS_SHIFT, ENTRY_PYTHON_EVAL, EXIT_KIND_SHIFT,
+    EXIT_PYTHON_EVAL, GENERATION_SHIFT,
 };
 
 #[map]
@@ -192,6 +194,10 @@ fn on_entry(ctx: &ProbeContext, cookie: u64) {
     if !current_generation(cookie) {
         return;
     }
+    if cookie & ENTRY_PYTHON_EVAL != 0 {
+        python::on_entry(ctx, cookie as u32);
+        return;
+    }
     let fn_flags = (cookie >> ENTRY_FLAGS_SHIFT) as u32 & span_flags::OPEN_EXITS;
     let regs = unsafe { &*ctx.regs };
     if goroutine::enabled() {
@@ -212,7 +218,8 @@ fn on_exit(ctx: &ProbeContext, cookie: u64) {
         goroutine::on_exit(regs, reason);
         return;
     }
-    stack::on_exit(regs.rsp, reason, regs.rax);
+    let count_unmatched = cookie & EXIT_PYTHON_EVAL == 0;
+    stack::on_exit(regs.rsp, reason, regs.rax, count_unmatched);
 }
 
 #[inline(always)]
@@ -221,7 +228,7 @@ fn on_return(ctx: &RetProbeContext, cookie: u64) {
         return;
     }
     let regs = unsafe { &*ctx.regs };
-    stack::on_exit(regs.rsp.wrapping_sub(8), end_reason::RETURNED, regs.rax);
+    stack::on_exit(regs.rsp.wrapping_sub(8), end_reason::RETURNED, regs.rax, true);
 }
 
 /// The cookie of the probe that fired, found by its address: `rip` (the

@@ -97,15 +97,24 @@ pub fn push<C: EbpfContext>(
 }
 
 /// A probed exit (`ret`, tail jump, or uretprobe) ran with the frame's entry
-/// stack pointer `sp`; `ret` is `rax`.
+/// stack pointer `sp`; `ret` is `rax`. An exit that matches no frame is
+/// counted with `count_unmatched` (not for exits of a function most of whose
+/// calls are not kept, the Python eval function's).
 #[inline(always)]
-pub fn on_exit(sp: u64, reason: u32, ret: u64) {
+pub fn on_exit(sp: u64, reason: u32, ret: u64, count_unmatched: bool) {
     let tid = bpf_get_current_pid_tgid() as u32;
     // No stack: the thread made no traced call, or its process is not traced.
     let Some(stack) = thread_stack(tid) else {
         return;
     };
     let now = unsafe { bpf_ktime_get_ns() };
+    if !count_unmatched {
+        close_frames_below(stack, sp, now, tid);
+        let depth = stack.depth as usize;
+        if depth == 0 || stack.frames[slot(depth - 1)].sp != sp {
+            return;
+        }
+    }
     pop(stack, sp, reason, ret, now, tid);
 }
 
@@ -285,6 +294,7 @@ fn emit_span(frame: &Frame, depth: u32, end_ns: u64, reason: u32, tgid: u32, tid
         parent_span_id: frame.parent_span_id,
         trace_key: frame.trace_key,
         ret,
+        entry_ip: frame.entry_ip,
     });
     // The agent drains on a timer: a wakeup per event would cost more than
     // the probe.

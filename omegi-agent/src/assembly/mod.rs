@@ -30,6 +30,7 @@
 //! as a piece after [`ERROR_PIECE_AFTER`] rather than waiting for the root.
 
 pub mod errors;
+mod python;
 pub mod rules;
 
 use std::{
@@ -38,7 +39,9 @@ use std::{
     time::{Duration, Instant},
 };
 
-use omegi_common::{end_reason, span_flags, ErrorEvent, HttpEvent, SpanEvent, ThreadExitEvent};
+use omegi_common::{
+    end_reason, span_flags, ErrorEvent, HttpEvent, PythonCodeEvent, SpanEvent, ThreadExitEvent,
+};
 
 use crate::http::{HttpSpan, Messages, Side, TraceParent};
 
@@ -298,6 +301,8 @@ pub struct Assembler {
     remote: HashMap<u64, (TraceParent, Instant)>,
     /// How a Go program's panic values read, for a Go program.
     go_panics: Option<errors::GoPanicValues>,
+    /// A Python interpreter's code objects, for a Python program.
+    python: Option<python::PythonCalls>,
 }
 
 impl Assembler {
@@ -322,6 +327,37 @@ impl Assembler {
             http: Messages::default(),
             remote: HashMap::new(),
             go_panics: None,
+            python: None,
+        }
+    }
+
+    /// Names a Python interpreter's calls by their code objects (`table` is
+    /// the interpreter's; the functions found are added to it).
+    pub fn with_python(mut self, table: &Arc<crate::discovery::FunctionTable>) -> Self {
+        self.python = python::PythonCalls::of(table);
+        self
+    }
+
+    /// Takes a Python code object's name and place.
+    pub fn on_python_code(&mut self, event: &PythonCodeEvent) {
+        if let Some(python) = &mut self.python {
+            python.on_code(event);
+        }
+    }
+
+    /// How many Python functions under the project root ran, for a Python
+    /// interpreter.
+    pub fn python_functions_seen(&self) -> Option<usize> {
+        self.python
+            .as_ref()
+            .map(python::PythonCalls::functions_seen)
+    }
+
+    /// The function a call is of: for a Python call, its code object's.
+    fn function_of(&self, fn_id: u32, tgid: u32, entry_ip: u64) -> u32 {
+        match &self.python {
+            Some(python) => python.function_of(fn_id, tgid, entry_ip),
+            None => fn_id,
         }
     }
 
@@ -356,11 +392,12 @@ impl Assembler {
     pub fn on_span(&mut self, event: &SpanEvent) -> Vec<Trace> {
         let mut ready = Vec::new();
         let is_root = event.flags & span_flags::TRACE_ROOT != 0;
+        let fn_id = self.function_of(event.fn_id, event.tgid, event.entry_ip);
         let mut span = Span {
             span_id: event.span_id,
             parent_span_id: if is_root { 0 } else { event.parent_span_id },
             caller_span_id: (is_root && event.parent_span_id != 0).then_some(event.parent_span_id),
-            fn_id: event.fn_id,
+            fn_id,
             pid: event.tgid,
             tid: event.tid,
             goroutine: event.flags & span_flags::GOROUTINE != 0,
@@ -391,10 +428,29 @@ impl Assembler {
         {
             if error.claims(span.end) {
                 span.status = Status::Error(error.info.description());
-                error.add_step(event.fn_id, event.span_id, event.trace_key);
+                error.add_step(fn_id, event.span_id, event.trace_key);
             } else if error.ends_on_return() && span.end == SpanEnd::Returned {
                 // Caught outside the traced calls, and the thread carried on.
                 ready.extend(self.resolve(event.tid));
+            }
+        }
+        if span.end == SpanEnd::Returned {
+            if let Some(python) = &mut self.python {
+                match python.on_return(event, fn_id) {
+                    python::Return::Plain => {}
+                    python::Return::Raised => {
+                        span.status = Status::Error(python::EXCEPTION.into());
+                    }
+                    python::Return::Ended(trace_key, info) => {
+                        if event.ret == 0 {
+                            span.status = Status::Error(info.description());
+                        }
+                        self.trace_errors
+                            .entry(trace_key)
+                            .or_default()
+                            .push(Arc::new(info));
+                    }
+                }
             }
         }
         if span.end == SpanEnd::Returned && !self.rules.is_empty() {
@@ -624,6 +680,7 @@ impl Assembler {
                 span_id: frame.span_id,
                 parent_span_id: frame.parent_span_id,
                 trace_key: frame.trace_key,
+                entry_ip: frame.entry_ip,
                 ..SpanEvent::default()
             };
             traces.extend(self.on_span(&event));

@@ -10,6 +10,7 @@ pub mod features;
 pub mod functions;
 pub mod http;
 pub mod multi;
+pub mod python_hook;
 pub mod refusal;
 pub mod system;
 
@@ -29,7 +30,8 @@ use aya::{
 };
 use omegi_common::{
     end_reason, globals, names, span_flags, state, ThreadStack, ALL_PROCESSES_KEY,
-    ENTRY_FLAGS_SHIFT, EXIT_KIND_SHIFT, GENERATION_SHIFT,
+    ENTRY_FLAGS_SHIFT, ENTRY_PYTHON_EVAL, EXIT_KIND_SHIFT, EXIT_PYTHON_EVAL, GENERATION_SHIFT,
+    PYTHON_PATH_MAX,
 };
 
 pub use features::KernelFeatures;
@@ -92,6 +94,13 @@ pub enum AttachError {
     Multi(String),
     #[error("mapping the per-function counters: {0}")]
     Counters(std::io::Error),
+    #[error(
+        "this kernel ({kernel}) has no attach cookies (Linux 5.15+), which tracing a Python \
+         interpreter in a shared library ({library}) needs"
+    )]
+    PythonNeedsCookies { kernel: String, library: String },
+    #[error("the project root {0} is too long for Python code (255 bytes at most)")]
+    PythonRootTooLong(String),
 }
 
 /// How calls' ends are seen.
@@ -123,6 +132,11 @@ pub enum ReturnMechanism {
 impl ReturnMechanism {
     /// Resolves the user's choice against what the binary can do.
     pub fn choose(choice: ReturnProbes, table: &FunctionTable) -> Result<Self, AttachError> {
+        if table.python.is_some() {
+            // Python calls end at the eval function's `ret` (see
+            // `uretprobe_for`), whatever was asked.
+            return Ok(Self::Sites);
+        }
         match (choice, table.can_unwind) {
             (ReturnProbes::Sites, _) => Ok(Self::Sites),
             (ReturnProbes::Auto, true) if table.leaf_uretprobes => Ok(Self::LeafUretprobes),
@@ -138,6 +152,10 @@ impl ReturnMechanism {
     pub fn uretprobe_for(self, function: &Function) -> bool {
         match self {
             Self::Sites => false,
+            // A Python call's return is its `ret` in the eval function: a
+            // uretprobe per call would meet the kernel's limit of 64 pending
+            // returns a thread at the 65th nested Python call.
+            _ if function.runs_python => false,
             Self::LeafUretprobes => function.code.is_leaf(),
             Self::Uretprobe => true,
         }
@@ -278,7 +296,15 @@ impl FunctionProbes {
                     ExitKind::Return => end_reason::RETURNED,
                     ExitKind::TailJump => end_reason::TAIL_CALL,
                 };
-                Site::new(&exit.site, (u64::from(reason) << EXIT_KIND_SHIFT) | id)
+                let python = if function.runs_python {
+                    EXIT_PYTHON_EVAL
+                } else {
+                    0
+                };
+                Site::new(
+                    &exit.site,
+                    (u64::from(reason) << EXIT_KIND_SHIFT) | python | id,
+                )
             })
             .collect();
         Some(Self {
@@ -303,7 +329,12 @@ fn entry_cookie(function: &Function) -> u64 {
     } else {
         span_flags::OPEN_EXITS
     };
-    (u64::from(flags) << ENTRY_FLAGS_SHIFT) | u64::from(function.id)
+    let python = if function.runs_python {
+        ENTRY_PYTHON_EVAL
+    } else {
+        0
+    };
+    (u64::from(flags) << ENTRY_FLAGS_SHIFT) | python | u64::from(function.id)
 }
 
 /// The links that hold the function probes.
@@ -475,6 +506,7 @@ impl Probes {
             },
             Err(_) => None,
         };
+        let (python_offsets, python_root) = python_settings(table, &features, single)?;
         let http_enabled = u8::from(socket_offsets.is_some());
         let socket_offsets = socket_offsets.unwrap_or_default();
         let mut ebpf = EbpfLoader::new()
@@ -498,6 +530,7 @@ impl Probes {
             .override_global(globals::GO_GOID_OFFSET, &goid_offset, true)
             .override_global(globals::HTTP_ENABLED, &http_enabled, true)
             .override_global(globals::SOCKET_OFFSETS, &socket_offsets, true)
+            .override_global(globals::PYTHON_OFFSETS, &python_offsets, true)
             .map_max_entries(names::MAP_GOROUTINES, goroutine_stacks)
             .override_global("AYA_LOG_LEVEL", &log_level, false)
             .map_max_entries(names::MAP_EVENTS, options.ring_size)
@@ -591,6 +624,14 @@ impl Probes {
         };
         let tgids = take_map(&mut ebpf, names::MAP_TGIDS)?;
         let state = take_map(&mut ebpf, names::MAP_STATE)?;
+        if let Some(root) = python_root {
+            let mut roots: Array<MapData, [u8; PYTHON_PATH_MAX]> =
+                take_map(&mut ebpf, names::MAP_PYTHON_ROOT)?;
+            roots.set(0, root, 0).map_err(|source| AttachError::Map {
+                name: names::MAP_PYTHON_ROOT,
+                source,
+            })?;
+        }
         let probe_sites = if single.cookies {
             None
         } else {
@@ -1139,6 +1180,41 @@ const ERROR_PROGRAMS: [&str; 9] = [
     names::PROG_GO_PANIC,
     names::PROG_GO_EXIT,
 ];
+
+/// What the kernel side needs for a Python interpreter: the offsets of its
+/// version, and the project root with a `/` (the bytes a traced code
+/// object's file name starts with).
+fn python_settings(
+    table: &FunctionTable,
+    features: &KernelFeatures,
+    single: SinglePrograms,
+) -> Result<(omegi_common::PythonOffsets, Option<[u8; PYTHON_PATH_MAX]>), AttachError> {
+    let Some(python) = &table.python else {
+        return Ok((Default::default(), None));
+    };
+    if !single.cookies && python.library != table.binary {
+        // The programs that find a probe by address take the executable's
+        // load bias; the interpreter is in a library.
+        return Err(AttachError::PythonNeedsCookies {
+            kernel: features.release.clone(),
+            library: python.library.display().to_string(),
+        });
+    }
+    let mut root = python.project_root.as_os_str().as_encoded_bytes().to_vec();
+    if root.last() != Some(&b'/') {
+        root.push(b'/');
+    }
+    if root.len() >= PYTHON_PATH_MAX {
+        return Err(AttachError::PythonRootTooLong(
+            python.project_root.display().to_string(),
+        ));
+    }
+    let mut bytes = [0u8; PYTHON_PATH_MAX];
+    bytes[..root.len()].copy_from_slice(&root);
+    let mut offsets = python.offsets;
+    offsets.root_len = root.len() as u32;
+    Ok((offsets, Some(bytes)))
+}
 
 fn load_uprobe(ebpf: &mut Ebpf, program: &'static str) -> Result<(), AttachError> {
     let uprobe: &mut UProbe = program_mut(ebpf, program)?;

@@ -180,6 +180,7 @@ pub fn discover(
             address: symbol.address(),
             size: symbol.size(),
             code: analysis,
+            runs_python: false,
         });
     }
     table.sources = sources.map(std::sync::Arc::new);

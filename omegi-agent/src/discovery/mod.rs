@@ -18,6 +18,7 @@ mod go_offsets;
 pub mod go_panic;
 mod go_select;
 mod names;
+pub mod python;
 pub mod result_layout;
 mod runtime;
 
@@ -96,6 +97,25 @@ pub enum DiscoveryError {
         build: GoBuild,
         reason: String,
     },
+    #[error(
+        "{binary} is a Python interpreter, but its {library} was not found (searched its \
+         RUNPATH, LD_LIBRARY_PATH and the system's library directories); trace the running \
+         process with --pid"
+    )]
+    PythonLibraryNotFound { binary: PathBuf, library: String },
+    #[error("{path} is a Python interpreter of a version omegi cannot tell (no Py_Version, and its name says none)")]
+    UnknownPython { path: PathBuf },
+    #[error(
+        "{path} is Python {version}, which omegi does not trace: it traces CPython 3.{}–3.{}",
+        python::SUPPORTED.0,
+        python::SUPPORTED.1
+    )]
+    UnsupportedPython { path: PathBuf, version: String },
+    #[error(
+        "{path} is a Python interpreter whose eval function ({}) cannot be probed",
+        python::EVAL_FUNCTION
+    )]
+    PythonWithoutEval { path: PathBuf },
     #[error("cannot read the DWARF debug info: {0}")]
     Dwarf(gimli::Error),
     #[error("invalid --include/--exclude pattern {pattern:?}: {source}")]
@@ -136,6 +156,11 @@ pub struct Function {
     pub size: u64,
     /// Where the entry probe goes and the ways out found in the code.
     pub code: CodeAnalysis,
+    /// A Python interpreter's eval function: each call of it runs one
+    /// Python call, which the kernel side names from its code object (see
+    /// `python.rs`). Its calls are named per code object, never by this
+    /// function's name, and its returns are always probed where they are.
+    pub runs_python: bool,
 }
 
 impl Function {
@@ -151,6 +176,7 @@ impl Function {
             address: 0,
             size: 1,
             code: CodeAnalysis::default(),
+            runs_python: false,
         }
     }
 
@@ -250,6 +276,11 @@ pub struct FunctionTable {
     pub sources: Option<std::sync::Arc<SourceIndex>>,
     /// A Go program: its calls are kept per goroutine.
     pub go: Option<GoTarget>,
+    /// A Python interpreter: its Python calls are traced (`python.rs`).
+    pub python: Option<python::PythonTarget>,
+    /// Functions found while tracing (a Python program's code objects), ids
+    /// from `functions.len()` on; appended by one thread, read by any.
+    pub found: boxcar::Vec<Function>,
 }
 
 impl FunctionTable {
@@ -271,12 +302,28 @@ impl FunctionTable {
             exec_start: 0,
             sources: None,
             go: None,
+            python: None,
+            found: boxcar::Vec::new(),
         }
     }
 
-    /// The function with this id (a probe cookie).
+    /// The function with this id (a probe cookie, or one found while
+    /// tracing).
     pub fn get(&self, id: u32) -> Option<&Function> {
-        self.functions.get(id as usize)
+        let index = id as usize;
+        match index.checked_sub(self.functions.len()) {
+            None => self.functions.get(index),
+            Some(found) => self.found.get(found),
+        }
+    }
+
+    /// Adds a function found while tracing; returns its id. Only one
+    /// thread may add (the ids are counted before the push).
+    pub fn add_found(&self, mut function: Function) -> u32 {
+        let id = u32::try_from(self.functions.len() + self.found.count()).unwrap_or(u32::MAX);
+        function.id = id;
+        self.found.push(function);
+        id
     }
 
     /// Loads `binary` and selects its user functions.
@@ -382,6 +429,8 @@ impl FunctionTable {
             exec_start: elf::executable_start(&file),
             sources: None,
             go: None,
+            python: None,
+            found: boxcar::Vec::new(),
         };
         let select = Selector {
             files,
@@ -410,6 +459,8 @@ impl FunctionTable {
                 exec_start: table.exec_start,
                 sources: None,
                 go: None,
+                python: None,
+                found: boxcar::Vec::new(),
             };
             select.fill(&mut fallback, true);
             if !fallback.functions.is_empty() {
@@ -588,6 +639,7 @@ impl Selector<'_, '_> {
                 address: symbol.address(),
                 size: symbol.size(),
                 code: analysis,
+                runs_python: false,
             });
         }
     }

@@ -1,0 +1,184 @@
+//! Python calls: the kernel side reports each Python call as a call of the
+//! interpreter's eval function, with the call's code object in
+//! `entry_ip`, and names each traced code object once
+//! ([`PythonCodeEvent`]). Here each code object becomes a function of its
+//! own in the table (`module.qualname`, its file and first line), so that
+//! everything downstream (exporters, error flows) names Python calls as it
+//! names any function.
+
+use std::{collections::HashMap, path::PathBuf, sync::Arc};
+
+use omegi_common::{PythonCodeEvent, SpanEvent};
+
+use super::errors::{ErrorInfo, ErrorKind, FlowStep, Outcome, StackFrame};
+use crate::discovery::{python::module_name, Function, FunctionTable};
+
+/// The type name Python exceptions are reported with: the kernel side does
+/// not read the exception object yet.
+pub const EXCEPTION: &str = "Python exception";
+
+/// A Python exception leaving traced calls on one thread.
+#[derive(Debug)]
+struct Raised {
+    info: ErrorInfo,
+    /// The depth of the last call it left.
+    depth: u32,
+    trace_key: u64,
+}
+
+/// What a Python call's return says about an exception.
+#[derive(Debug)]
+pub enum Return {
+    /// Nothing to do with one.
+    Plain,
+    /// The call was left by an exception (it returned NULL).
+    Raised,
+    /// An exception ended here: caught by this call (or by code between
+    /// traced calls); the error of the trace with this key.
+    Ended(u64, ErrorInfo),
+}
+
+/// The code objects of a traced interpreter's processes.
+#[derive(Debug)]
+pub struct PythonCalls {
+    table: Arc<FunctionTable>,
+    /// The eval function's id: the `fn_id` every Python call arrives with.
+    eval_id: u32,
+    root: PathBuf,
+    /// (process, code object) → its function's id.
+    codes: HashMap<(u32, u64), u32>,
+    /// Functions by (file, line, name): a module's code objects in another
+    /// process (a fork) or seen again share one.
+    functions: HashMap<(String, u32, String), u32>,
+    /// Exceptions in flight, by thread.
+    raised: HashMap<u32, Raised>,
+}
+
+impl PythonCalls {
+    /// For a table with a Python interpreter's eval function.
+    pub fn of(table: &Arc<FunctionTable>) -> Option<Self> {
+        let python = table.python.as_ref()?;
+        let eval = table
+            .functions
+            .iter()
+            .find(|function| function.runs_python)?;
+        Some(Self {
+            table: Arc::clone(table),
+            eval_id: eval.id,
+            root: python.project_root.clone(),
+            codes: HashMap::new(),
+            functions: HashMap::new(),
+            raised: HashMap::new(),
+        })
+    }
+
+    /// A traced code object's first call: its function.
+    pub fn on_code(&mut self, event: &PythonCodeEvent) {
+        let file = text(&event.filename);
+        let qualname = text(&event.name);
+        let key = (file.clone(), event.line, qualname.clone());
+        let id = match self.functions.get(&key) {
+            Some(&id) => id,
+            None => {
+                let path = PathBuf::from(&file);
+                let module = module_name(&path, &self.root);
+                let name = if qualname.is_empty() {
+                    format!("{module}.?")
+                } else if module.is_empty() {
+                    qualname.clone()
+                } else {
+                    format!("{module}.{qualname}")
+                };
+                let mut function =
+                    Function::described(0, &name, Some(&file), Some(event.line).filter(|&l| l > 0));
+                function.symbol = qualname;
+                let id = self.table.add_found(function);
+                self.functions.insert(key, id);
+                id
+            }
+        };
+        self.codes.insert((event.tgid, event.code), id);
+    }
+
+    /// The function a span of `fn_id` with this `entry_ip` in process
+    /// `tgid` is a call of: its code object's, for a Python call.
+    pub fn function_of(&self, fn_id: u32, tgid: u32, entry_ip: u64) -> u32 {
+        if fn_id != self.eval_id {
+            return fn_id;
+        }
+        self.codes.get(&(tgid, entry_ip)).copied().unwrap_or(fn_id)
+    }
+}
+
+impl PythonCalls {
+    /// Python calls the kernel side named (the interpreter ran code under
+    /// the project root).
+    pub fn functions_seen(&self) -> usize {
+        self.functions.len()
+    }
+
+    /// A Python call (of `fn_id`, its code's function) returned: with NULL
+    /// when an exception left it. Consecutive NULL returns on a thread, each
+    /// from the caller of the last, are one exception's flow; the first call
+    /// above them that returns a value caught it.
+    pub fn on_return(&mut self, event: &SpanEvent, fn_id: u32) -> Return {
+        if event.fn_id != self.eval_id {
+            return Return::Plain;
+        }
+        let tid = event.tid;
+        if event.ret == 0 {
+            let raised = self.raised.entry(tid).or_insert_with(|| Raised {
+                info: ErrorInfo {
+                    kind: ErrorKind::Exception,
+                    type_name: EXCEPTION.into(),
+                    message: String::new(),
+                    flow: Vec::new(),
+                    stack: Vec::new(),
+                    outcome: Outcome::Unknown,
+                },
+                depth: event.depth,
+                trace_key: event.trace_key,
+            });
+            raised.info.flow.push(FlowStep {
+                fn_id,
+                span_id: event.span_id,
+            });
+            raised.info.stack.push(StackFrame {
+                fn_id,
+                span_id: event.span_id,
+                call_offset: 0,
+            });
+            raised.depth = event.depth;
+            if event.depth == 0 {
+                // It left every traced call: what became of it is not seen.
+                let raised = self.raised.remove(&tid).expect("just inserted");
+                return Return::Ended(raised.trace_key, raised.info);
+            }
+            return Return::Raised;
+        }
+        let Some(raised) = self.raised.remove(&tid) else {
+            return Return::Plain;
+        };
+        let mut info = raised.info;
+        info.outcome = if event.depth < raised.depth {
+            Outcome::CaughtBy {
+                fn_id,
+                span_id: event.span_id,
+            }
+        } else {
+            // A call as deep as the last one left returned: something
+            // between the traced calls caught it.
+            Outcome::CaughtOutside
+        };
+        Return::Ended(raised.trace_key, info)
+    }
+}
+
+/// The NUL-terminated text of a kernel buffer.
+fn text(bytes: &[u8]) -> String {
+    let end = bytes
+        .iter()
+        .position(|&byte| byte == 0)
+        .unwrap_or(bytes.len());
+    String::from_utf8_lossy(&bytes[..end]).into_owned()
+}

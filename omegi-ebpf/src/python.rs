@@ -1,0 +1,192 @@
+//! Python calls: the interpreter's eval function runs one Python call each
+//! time it is entered (every call in 3.10; in 3.11+ only calls made from C,
+//! unless the agent's eval hook turns inlining off), with the call's frame in
+//! `rsi`. The probe on its entry reads the frame's code object and keeps the
+//! call only when the code's file lies under the project root; the probe on
+//! its `ret` ends it like any function's.
+//!
+//! Whether a code object is traced is decided once, at its first call, and
+//! kept in `PYTHON_CODES` with what identifies it (its file and name objects
+//! and first line), so that a code object freed and another allocated at the
+//! same address is judged again. A traced code object's name and place go to
+//! the agent once, as a [`PythonCodeEvent`]: the process may have exited by
+//! the time its spans are named.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, generated},
+    macros::map,
+    maps::{Array, HashMap},
+    programs::ProbeContext,
+    Global,
+};
+use omegi_common::{
+    counter, event_kind, PythonCodeEvent, PythonOffsets, PYTHON_NAME_MAX, PYTHON_PATH_MAX,
+};
+
+use crate::{count, stack, EVENTS};
+
+#[no_mangle]
+static PYTHON_OFFSETS: Global<PythonOffsets> = Global::new(PythonOffsets {
+    frame_code: 0,
+    code_filename: 0,
+    code_name: 0,
+    code_line: 0,
+    ascii_data: 0,
+    root_len: 0,
+});
+
+/// The project root with a trailing `/` (set by the agent).
+#[map]
+static PYTHON_ROOT: Array<[u8; PYTHON_PATH_MAX]> = Array::with_max_entries(1, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CodeKey {
+    tgid: u32,
+    _pad: u32,
+    code: u64,
+}
+
+/// What a code object was when it was judged, and the verdict.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct CodeVerdict {
+    filename: u64,
+    name: u64,
+    line: u32,
+    traced: u32,
+}
+
+/// Code objects judged, by process. A full map costs a judgement per call
+/// of code not in it, never a wrong one.
+#[map]
+static PYTHON_CODES: HashMap<CodeKey, CodeVerdict> = HashMap::with_max_entries(65536, 0);
+
+/// `PyASCIIObject.state`'s `compact` and `ascii` bits: the characters follow
+/// the object's header, one byte each.
+const COMPACT_ASCII: u32 = (1 << 5) | (1 << 6);
+
+/// The byte offset of `PyASCIIObject.state`.
+const STATE_OFFSET: u64 = 32;
+
+/// The eval function was entered: push the call if its code is traced.
+#[inline(always)]
+pub fn on_entry(ctx: &ProbeContext, fn_id: u32) {
+    let regs = unsafe { &*ctx.regs };
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
+    let tid = pid_tgid as u32;
+    // Only a traced process's calls cost the reads below.
+    if stack::thread_stack(tid).is_none() && crate::traced_thread().is_none() {
+        return;
+    }
+    let offsets = PYTHON_OFFSETS.load();
+    let code = read_u64(regs.rsi + u64::from(offsets.frame_code));
+    if code == 0 || !traced(tgid, code, &offsets) {
+        return;
+    }
+    stack::on_entry(ctx, fn_id, 0, regs.rsp, code);
+}
+
+/// Whether calls of `code` in process `tgid` are traced (see the module's
+/// doc).
+#[inline(always)]
+fn traced(tgid: u32, code: u64, offsets: &PythonOffsets) -> bool {
+    let filename = read_u64(code + u64::from(offsets.code_filename));
+    let name = read_u64(code + u64::from(offsets.code_name));
+    let line = read_u32(code + u64::from(offsets.code_line));
+    let key = CodeKey {
+        tgid,
+        _pad: 0,
+        code,
+    };
+    if let Some(known) = unsafe { PYTHON_CODES.get(&key) } {
+        if known.filename == filename && known.name == name && known.line == line {
+            return known.traced != 0;
+        }
+    }
+    let traced = judge(tgid, code, filename, name, line, offsets);
+    let verdict = CodeVerdict {
+        filename,
+        name,
+        line,
+        traced: u32::from(traced),
+    };
+    let _ = PYTHON_CODES.insert(&key, &verdict, 0);
+    traced
+}
+
+/// Compares the code's file name with the project root; a traced code's
+/// name and place go to the agent.
+#[inline(always)]
+fn judge(tgid: u32, code: u64, filename: u64, name: u64, line: u32, offsets: &PythonOffsets) -> bool {
+    if read_u32(filename + STATE_OFFSET) & COMPACT_ASCII != COMPACT_ASCII {
+        return false;
+    }
+    let Some(root) = PYTHON_ROOT.get(0) else {
+        return false;
+    };
+    // The event is filled in where it lies, then kept only for traced code.
+    let Some(mut entry) = EVENTS.reserve::<PythonCodeEvent>(0) else {
+        // Judged again at its next call, when the agent may have caught up.
+        count(counter::RECORDS_RING_FULL);
+        return false;
+    };
+    let event = unsafe { &mut *entry.as_mut_ptr() };
+    let read = unsafe {
+        generated::bpf_probe_read_user_str(
+            event.filename.as_mut_ptr().cast(),
+            PYTHON_PATH_MAX as u32,
+            (filename + u64::from(offsets.ascii_data)) as *const _,
+        )
+    };
+    let root_len = offsets.root_len as usize;
+    let mut under_root = read > 0;
+    for i in 0..PYTHON_PATH_MAX {
+        if i >= root_len || !under_root {
+            break;
+        }
+        if event.filename[i] != root[i] {
+            under_root = false;
+        }
+    }
+    if !under_root {
+        entry.discard(0);
+        return false;
+    }
+    event.kind = event_kind::PYTHON_CODE;
+    event.tgid = tgid;
+    event.code = code;
+    event.line = line;
+    event._pad = 0;
+    event.name[0] = 0;
+    if read_u32(name + STATE_OFFSET) & COMPACT_ASCII == COMPACT_ASCII {
+        unsafe {
+            generated::bpf_probe_read_user_str(
+                event.name.as_mut_ptr().cast(),
+                PYTHON_NAME_MAX as u32,
+                (name + u64::from(offsets.ascii_data)) as *const _,
+            )
+        };
+    }
+    entry.submit(0);
+    true
+}
+
+#[inline(always)]
+fn read_u64(address: u64) -> u64 {
+    let mut value = 0u64;
+    unsafe {
+        generated::bpf_probe_read_user((&mut value as *mut u64).cast(), 8, address as *const _)
+    };
+    value
+}
+
+#[inline(always)]
+fn read_u32(address: u64) -> u32 {
+    let mut value = 0u32;
+    unsafe {
+        generated::bpf_probe_read_user((&mut value as *mut u32).cast(), 4, address as *const _)
+    };
+    value
+}

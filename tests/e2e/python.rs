@@ -1,0 +1,396 @@
+//! Python (issue 11): unmodified CPython interpreters traced through their
+//! eval function, on every version and build this machine has: pyenv's
+//! 3.10–3.13 (shared libpython, from source) and Debian's `python3.11`
+//! (stripped, libpython linked in). The fixture is the package in
+//! `tests/fixtures/python/app`; its call trees are asserted exactly.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use omegi_tests::{
+    run::{self, refused, Agent},
+    spans::{self, parse_lines, traces, SpanRecord},
+};
+
+fn agent_bin() -> &'static str {
+    Agent::new(env!("CARGO_BIN_EXE_omegi-agent"));
+    env!("CARGO_BIN_EXE_omegi-agent")
+}
+
+/// The fixture package: the project root of these tests.
+fn app() -> PathBuf {
+    omegi_tests::fixtures::sources_dir().join("python/app")
+}
+
+/// A CPython interpreter here, and its minor version.
+struct Interpreter {
+    path: PathBuf,
+    minor: u8,
+    label: String,
+}
+
+/// Where pyenv keeps its Pythons.
+fn pyenv_versions() -> PathBuf {
+    std::env::var_os("PYENV_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".pyenv"))
+        .join("versions")
+}
+
+/// pyenv's newest `MAJOR.MINOR.*`.
+fn pyenv_home(version: &str) -> PathBuf {
+    let versions = pyenv_versions();
+    let mut homes: Vec<PathBuf> = std::fs::read_dir(&versions)
+        .unwrap_or_else(|error| panic!("pyenv's versions in {}: {error}", versions.display()))
+        .filter_map(|entry| Some(entry.ok()?.path()))
+        .filter(|path| {
+            path.file_name()
+                .and_then(|name| name.to_str())
+                .is_some_and(|name| name.starts_with(&format!("{version}.")))
+        })
+        .collect();
+    homes.sort();
+    homes
+        .pop()
+        .unwrap_or_else(|| panic!("pyenv has no Python {version} in {}", versions.display()))
+}
+
+/// pyenv's 3.10–3.13 and Debian's python3.11: all must be here.
+fn interpreters() -> Vec<Interpreter> {
+    let mut found = Vec::new();
+    for minor in 10..=13u8 {
+        let home = pyenv_home(&format!("3.{minor}"));
+        found.push(Interpreter {
+            path: home.join(format!("bin/python3.{minor}")),
+            minor,
+            label: format!("pyenv {}", home.display()),
+        });
+    }
+    let debian = PathBuf::from("/usr/bin/python3.11");
+    assert!(debian.exists(), "Debian's python3.11 is not installed");
+    found.push(Interpreter {
+        path: debian,
+        minor: 11,
+        label: "Debian python3.11".into(),
+    });
+    found
+}
+
+/// `omegi-agent --project-root APP --format json --output FILE [extra]`.
+fn agent(extra: &[&str], spans_file: &Path) -> Command {
+    let mut command = Command::new(agent_bin());
+    command
+        .arg("--project-root")
+        .arg(app())
+        .args(["--format", "json", "--output"])
+        .arg(spans_file)
+        .args(extra);
+    command
+}
+
+/// `work()`'s calls, as each version names them (3.10's code objects have
+/// no qualified name: a method is named without its class). A generator's
+/// creation is a call of its own from 3.11 (its code starts by making the
+/// generator), then each resume is one. `init`: whether `Cart.__init__` is
+/// seen (see the 3.13 case below).
+fn work_shape(minor: u8, init: bool) -> String {
+    let method = |name: &str| {
+        if minor == 10 {
+            format!("shop.cart.{name}")
+        } else {
+            format!("shop.cart.Cart.{name}")
+        }
+    };
+    let resumes = if minor == 10 { 3 } else { 4 };
+    let prices = vec!["shop.cart.prices"; resumes].join(" ");
+    let init = if init {
+        format!("{} ", method("__init__"))
+    } else {
+        String::new()
+    };
+    format!(
+        "main.work({init}{add} {add} shop.cart.by_price shop.cart.by_price {prices} {total} \
+         shop.cart.fib(shop.cart.fib(shop.cart.fib shop.cart.fib) shop.cart.fib) \
+         shop.payments.checkout({total} shop.payments.charge))",
+        add = method("add"),
+        total = method("total"),
+    )
+}
+
+/// The imports the module runs before `work()`.
+const IMPORTS: &str = "shop.<module> shop.cart.<module>(shop.cart.Cart) \
+    shop.payments.<module>(shop.errors.<module>(shop.errors.PaymentDeclined))";
+
+/// Each `work()` trace has one error: the payment declined in `charge`,
+/// caught by `checkout`.
+fn check_caught_payment(spans: &[SpanRecord], label: &str) {
+    let errors: Vec<(String, Vec<String>, String)> = spans::exceptions(spans)
+        .into_iter()
+        .map(|(_, event)| {
+            (
+                event.text("exception.type"),
+                event.flow(),
+                event.text("omegi.error.outcome"),
+            )
+        })
+        .collect();
+    let caught = (
+        "Python exception".to_owned(),
+        vec!["shop.payments.charge".to_owned()],
+        "caught in shop.payments.checkout".to_owned(),
+    );
+    assert_eq!(errors, vec![caught.clone(), caught], "{label}");
+    let charges: Vec<&SpanRecord> = spans
+        .iter()
+        .filter(|span| span.name == "shop.payments.charge")
+        .collect();
+    assert!(charges.iter().all(|span| span.is_error()), "{label}");
+    assert!(
+        spans
+            .iter()
+            .filter(|span| span.name == "shop.payments.checkout")
+            .all(|span| !span.is_error()),
+        "{label}"
+    );
+}
+
+/// Every Python call under the project root, on every version and build:
+/// 3.10 needs nothing (every call enters the eval function); 3.11+ gets the
+/// eval hook, in a running process (`--pid`). The program's output is its
+/// untraced output, and the hook is set back when the agent detaches.
+#[test]
+fn every_call_traced_on_every_version_and_build() {
+    for python in interpreters() {
+        let label = &python.label;
+        let script = app().join("main.py");
+        let plain = run::untraced(&python.path, &[&script]);
+        let dir = omegi_tests::scratch_dir("python-every-call");
+        let spans_file = dir.join("spans.jsonl");
+        let (status, stdout) = if python.minor == 10 {
+            let mut command = agent(&["--quiet"], &spans_file);
+            command.arg("--").arg(&python.path).arg(&script);
+            let (status, stdout, stderr) = run::run_to_end(command);
+            assert_eq!(stderr, "", "{label}");
+            (status, stdout)
+        } else {
+            trace_running(&python.path, &script, &spans_file)
+        };
+        assert_eq!(status.code(), plain.status.code(), "{label}");
+        let expected_output = String::from_utf8_lossy(&plain.stdout);
+        assert!(stdout.ends_with(&*expected_output), "{label}: {stdout}");
+        let spans = parse_lines(&std::fs::read_to_string(&spans_file).unwrap());
+        let mut shapes: Vec<String> = traces(&spans)
+            .iter()
+            .map(|trace| {
+                trace.check_well_formed();
+                trace.shape()
+            })
+            .collect();
+        shapes.sort();
+        let work = work_shape(python.minor, true);
+        // 3.13 specialises a class's call into one that runs `__init__`
+        // inline (CALL_ALLOC_AND_ENTER_INIT) without checking for an eval
+        // hook: from the second call at a place, `__init__` is not seen.
+        let again = work_shape(python.minor, python.minor != 13);
+        let mut expected = if python.minor == 10 {
+            // Started by the agent: the module's own call is seen too.
+            vec![format!("main.<module>({IMPORTS} {work})"), again]
+        } else {
+            // Attached while the module waited: its call began before.
+            vec![work.clone(), again]
+        };
+        expected.sort();
+        assert_eq!(shapes, expected, "{label}");
+        check_caught_payment(&spans, label);
+        let first = spans
+            .iter()
+            .find(|s| s.name == "shop.payments.charge")
+            .unwrap();
+        assert_eq!(
+            first.attr("code.filepath").as_deref(),
+            app().join("shop/payments.py").to_str(),
+            "{label}"
+        );
+        assert_eq!(first.attr("code.lineno").as_deref(), Some("4"), "{label}");
+    }
+}
+
+/// Starts `main.py wait` under `python`, attaches `--pid` with the eval
+/// hook, lets it run once the hook is set, and waits for both to end.
+fn trace_running(
+    python: &Path,
+    script: &Path,
+    spans_file: &Path,
+) -> (std::process::ExitStatus, String) {
+    let mut program = Command::new(python)
+        .arg(script)
+        .arg("wait")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut output = BufReader::new(program.stdout.take().unwrap());
+    let mut ready = String::new();
+    output.read_line(&mut ready).unwrap();
+    assert_eq!(ready, "ready\n");
+    let mut agent = agent(&["--python-eval-hook"], spans_file)
+        .arg("--pid")
+        .arg(program.id().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (lines, hooked) = mpsc::channel();
+    let stderr = BufReader::new(agent.stderr.take().unwrap());
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in stderr.lines().map_while(Result::ok) {
+            if line.contains("eval hook set in process") {
+                let _ = lines.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    if hooked
+        .recv_timeout(omegi_tests::scaled(Duration::from_secs(60)))
+        .is_err()
+    {
+        let _ = program.kill();
+        let _ = agent.kill();
+        panic!("the agent set no eval hook:\n{}", reader.join().unwrap());
+    }
+    program.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let status = run::wait_with_timeout(&mut program, run::RUN_TIMEOUT).expect("program ends");
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut output, &mut rest).unwrap();
+    let agent_status = run::wait_with_timeout(&mut agent, run::RUN_TIMEOUT).expect("agent ends");
+    let agent_stderr = reader.join().unwrap();
+    assert!(agent_status.success(), "{agent_stderr}");
+    assert!(!agent_stderr.contains("warning"), "{agent_stderr}");
+    (status, format!("ready\n{rest}"))
+}
+
+/// With no eval hook, 3.12 runs Python-to-Python calls inside the caller's
+/// eval loop: only calls made from C are seen (the module's, imports, a
+/// class body, `__init__` from the type's call, `sorted`'s key function,
+/// `list` resuming a generator), under the nearest traced caller, and the
+/// agent says so in one line.
+#[test]
+fn without_the_eval_hook_calls_made_from_c_are_traced() {
+    let python = interpreters()
+        .into_iter()
+        .find(|python| python.minor == 12)
+        .unwrap();
+    let dir = omegi_tests::scratch_dir("python-no-hook");
+    let spans_file = dir.join("spans.jsonl");
+    let mut command = agent(&[], &spans_file);
+    command
+        .arg("--")
+        .arg(&python.path)
+        .arg(app().join("main.py"));
+    let (status, _, stderr) = run::run_to_end(command);
+    assert!(status.success(), "{stderr}");
+    let warnings: Vec<&str> = stderr.lines().filter(|l| l.contains("warning")).collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(warnings[0].contains("--python-eval-hook"), "{stderr}");
+    let spans = parse_lines(&std::fs::read_to_string(&spans_file).unwrap());
+    let main = traces(&spans)
+        .into_iter()
+        .find(|trace| trace.root().name == "main.<module>")
+        .expect("the module's trace");
+    assert_eq!(
+        main.shape(),
+        format!(
+            "main.<module>({IMPORTS} shop.cart.Cart.__init__ shop.cart.by_price \
+             shop.cart.by_price shop.cart.prices shop.cart.prices shop.cart.prices)"
+        )
+    );
+}
+
+/// An exception nobody catches ends the program as untraced (exit 1, its
+/// traceback on stderr); its flow is every traced call it left.
+#[test]
+fn an_uncaught_exception_is_an_error_trace_and_ends_the_program_as_untraced() {
+    let python = interpreters().into_iter().next().unwrap();
+    let script = app().join("main.py");
+    let plain = run::untraced(&python.path, &[script.as_os_str(), "crash".as_ref()]);
+    let dir = omegi_tests::scratch_dir("python-crash");
+    let spans_file = dir.join("spans.jsonl");
+    let mut command = agent(&["--quiet"], &spans_file);
+    command
+        .arg("--")
+        .arg(&python.path)
+        .arg(&script)
+        .arg("crash");
+    let (status, stdout, stderr) = run::run_to_end(command);
+    assert_eq!(status.code(), Some(1));
+    assert_eq!(status.code(), plain.status.code());
+    assert_eq!(stdout, String::from_utf8_lossy(&plain.stdout));
+    assert_eq!(stderr, String::from_utf8_lossy(&plain.stderr));
+    let spans = parse_lines(&std::fs::read_to_string(&spans_file).unwrap());
+    let flows: Vec<Vec<String>> = spans::exceptions(&spans)
+        .into_iter()
+        .map(|(_, event)| event.flow())
+        .filter(|flow| flow[0] == "main.crash")
+        .collect();
+    assert_eq!(
+        flows,
+        vec![vec!["main.crash".to_owned(), "main.<module>".to_owned()]]
+    );
+}
+
+/// Interpreters omegi does not trace are refused in one line naming the
+/// version; a project root with no Python code that runs is said once.
+#[test]
+fn unsupported_versions_are_refused_and_an_empty_root_is_said() {
+    for (version, library) in [
+        ("3.9", "libpython3.9.so.1.0"),
+        ("2.7", "libpython2.7.so.1.0"),
+    ] {
+        let home = pyenv_home(version);
+        let mut command = agent(&[], Path::new("/dev/null"));
+        command
+            .arg("--")
+            .arg(home.join(format!("bin/python{version}")))
+            .args(["-c", "pass"]);
+        assert_eq!(
+            refused(command),
+            format!(
+                "omegi-agent: error: {} is Python {version}, which omegi does not trace: it \
+                 traces CPython 3.10–3.13",
+                home.join("lib").join(library).display()
+            )
+        );
+    }
+
+    let python = &interpreters()[0];
+    let mut command = Command::new(agent_bin());
+    command
+        .args([
+            "--project-root",
+            "/nonexistent-root",
+            "--format",
+            "json",
+            "--output",
+        ])
+        .arg("/dev/null")
+        .arg("--")
+        .arg(&python.path)
+        .arg(app().join("main.py"));
+    let (status, _, stderr) = run::run_to_end(command);
+    assert!(status.success(), "{stderr}");
+    assert!(
+        stderr.contains(
+            "warning: no Python function under the project root /nonexistent-root ran while traced"
+        ),
+        "{stderr}"
+    );
+}
