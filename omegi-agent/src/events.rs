@@ -15,7 +15,8 @@ use std::{
 
 use aya::maps::{MapData, PerCpuArray};
 use omegi_common::{
-    counter, event_kind, ErrorEvent, Frame, HttpEvent, PythonCodeEvent, SpanEvent, ThreadExitEvent,
+    counter, event_kind, ErrorEvent, Frame, HttpEvent, PythonCodeEvent, PythonExceptionEvent,
+    SpanEvent, ThreadExitEvent,
 };
 
 use crate::{
@@ -109,6 +110,7 @@ pub enum Event {
     ThreadExit(ThreadExitEvent),
     Http(Box<HttpEvent>),
     PythonCode(Box<PythonCodeEvent>),
+    PythonException(Box<PythonExceptionEvent>),
 }
 
 /// Decodes one ring buffer record.
@@ -122,6 +124,8 @@ pub fn decode(record: &[u8]) -> Option<Event> {
         event_kind::PYTHON_CODE => {
             read::<PythonCodeEvent>(record).map(|event| Event::PythonCode(Box::new(event)))
         }
+        event_kind::PYTHON_EXCEPTION => read::<PythonExceptionEvent>(record)
+            .map(|event| Event::PythonException(Box::new(event))),
         _ => None,
     }
 }
@@ -227,6 +231,10 @@ fn drain(
             }
             Some(Event::PythonCode(event)) => {
                 assembler.on_python_code(&event);
+                Vec::new()
+            }
+            Some(Event::PythonException(event)) => {
+                assembler.on_python_exception(&event);
                 Vec::new()
             }
             None => {

@@ -72,6 +72,9 @@ pub mod event_kind {
     /// A [`PythonCodeEvent`](super::PythonCodeEvent): a Python code object
     /// under the project root, seen for the first time.
     pub const PYTHON_CODE: u32 = 5;
+    /// A [`PythonExceptionEvent`](super::PythonExceptionEvent): an exception
+    /// left a traced Python call (the first it left).
+    pub const PYTHON_EXCEPTION: u32 = 6;
 }
 
 /// Why a traced call's span ended.
@@ -256,6 +259,27 @@ pub struct PythonCodeEvent {
     pub name: [u8; PYTHON_NAME_MAX],
 }
 
+/// An exception leaving the traced Python call `span_id` on thread `tid`,
+/// the first traced call it leaves: its type and message as the thread
+/// state holds them at that call's NULL return.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PythonExceptionEvent {
+    /// Always [`event_kind::PYTHON_EXCEPTION`].
+    pub kind: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    pub _pad: u32,
+    pub span_id: u64,
+    /// The exception's type object, for the agent to read its module.
+    pub type_object: u64,
+    /// The type's `tp_name`, NUL-terminated.
+    pub type_name: [u8; PYTHON_NAME_MAX],
+    /// `str(args[0])` when it is an ASCII `str` (or the pending value
+    /// itself, when a C function set a bare string), NUL-terminated.
+    pub message: [u8; PYTHON_PATH_MAX],
+}
+
 /// Where the kernel side finds a Python call's code and the code's name
 /// (bytes, for the interpreter's version), set by the agent.
 #[repr(C)]
@@ -272,6 +296,12 @@ pub struct PythonOffsets {
     pub ascii_data: u32,
     /// Bytes of the project root (with its trailing `/`) in `PYTHON_ROOT`.
     pub root_len: u32,
+    /// Of the pending exception in `PyThreadState`: `current_exception`
+    /// (3.12+) or `curexc_value`.
+    pub thread_exception: u32,
+    /// Of `curexc_type` before 3.12 (the value may be unset, or not yet an
+    /// exception object); 0 from 3.12.
+    pub thread_exception_type: u32,
 }
 
 /// The `fn_id` of a span that is not a function call (an HTTP span).
@@ -558,6 +588,14 @@ pub struct ThreadStack {
     pub next_id: u64,
     /// The HTTP request the thread is answering, if any.
     pub request: ServerRequest,
+    /// A Python thread's `PyThreadState` (the eval function's first
+    /// argument), where its exception in flight is found.
+    pub python_thread: u64,
+    /// 1 + the depth of the traced Python call an exception left last,
+    /// while it is leaving calls (one after another, inner to outer); 0
+    /// otherwise. A NULL return not just above it is a new exception.
+    pub python_raised: u32,
+    pub _pad: u32,
     pub frames: [Frame; MAX_DEPTH],
 }
 
@@ -717,3 +755,6 @@ unsafe impl aya::Pod for PythonOffsets {}
 #[cfg(feature = "user")]
 // SAFETY: as above.
 unsafe impl aya::Pod for PythonCodeEvent {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for PythonExceptionEvent {}

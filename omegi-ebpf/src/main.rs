@@ -218,8 +218,11 @@ fn on_exit(ctx: &ProbeContext, cookie: u64) {
         goroutine::on_exit(regs, reason);
         return;
     }
-    let count_unmatched = cookie & EXIT_PYTHON_EVAL == 0;
-    stack::on_exit(regs.rsp, reason, regs.rax, count_unmatched);
+    if cookie & EXIT_PYTHON_EVAL != 0 {
+        python::on_exit(regs);
+        return;
+    }
+    stack::on_exit(regs.rsp, reason, regs.rax, true);
 }
 
 #[inline(always)]

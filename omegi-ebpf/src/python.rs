@@ -13,6 +13,7 @@
 //! the time its spans are named.
 
 use aya_ebpf::{
+    bindings::pt_regs,
     helpers::{bpf_get_current_pid_tgid, generated},
     macros::map,
     maps::{Array, HashMap},
@@ -20,7 +21,8 @@ use aya_ebpf::{
     Global,
 };
 use omegi_common::{
-    counter, event_kind, PythonCodeEvent, PythonOffsets, PYTHON_NAME_MAX, PYTHON_PATH_MAX,
+    counter, end_reason, event_kind, PythonCodeEvent, PythonExceptionEvent, PythonOffsets,
+    PYTHON_NAME_MAX, PYTHON_PATH_MAX,
 };
 
 use crate::{count, stack, EVENTS};
@@ -33,6 +35,8 @@ static PYTHON_OFFSETS: Global<PythonOffsets> = Global::new(PythonOffsets {
     code_line: 0,
     ascii_data: 0,
     root_len: 0,
+    thread_exception: 0,
+    thread_exception_type: 0,
 });
 
 /// The project root with a trailing `/` (set by the agent).
@@ -86,6 +90,103 @@ pub fn on_entry(ctx: &ProbeContext, fn_id: u32) {
         return;
     }
     stack::on_entry(ctx, fn_id, 0, regs.rsp, code);
+    if let Some(stack) = stack::thread_stack(tid) {
+        stack.python_thread = regs.rdi;
+    }
+}
+
+/// The eval function returned (`rax` its result): a NULL result from a
+/// traced call means an exception left it; the first traced call it leaves
+/// says what it is. Then the call ends like any.
+#[inline(always)]
+pub fn on_exit(regs: &pt_regs) {
+    let tid = bpf_get_current_pid_tgid() as u32;
+    let Some(stack) = stack::thread_stack(tid) else {
+        return;
+    };
+    let depth = stack.depth as usize;
+    if depth > 0 {
+        let top = stack.frames[stack::slot(depth - 1)];
+        if top.sp == regs.rsp {
+            let left = depth as u32; // 1 + the call's depth
+            if regs.rax == 0 {
+                if stack.python_raised != left + 1 {
+                    emit_exception(stack.tgid, tid, top.span_id, stack.python_thread);
+                }
+                stack.python_raised = left;
+            } else if stack.python_raised != 0 {
+                stack.python_raised = 0;
+            }
+        }
+    }
+    stack::on_exit(regs.rsp, end_reason::RETURNED, regs.rax, false);
+}
+
+/// The thread's pending exception: its type's name and its message.
+#[inline(always)]
+fn emit_exception(tgid: u32, tid: u32, span_id: u64, thread: u64) {
+    let offsets = PYTHON_OFFSETS.load();
+    let Some(mut entry) = EVENTS.reserve::<PythonExceptionEvent>(0) else {
+        count(counter::RECORDS_RING_FULL);
+        return;
+    };
+    let event = unsafe { &mut *entry.as_mut_ptr() };
+    event.kind = event_kind::PYTHON_EXCEPTION;
+    event.tgid = tgid;
+    event.tid = tid;
+    event._pad = 0;
+    event.span_id = span_id;
+    event.type_name[0] = 0;
+    event.message[0] = 0;
+    let value = read_u64(thread + u64::from(offsets.thread_exception));
+    // Before 3.12 the type is kept apart, and the value may be unset or a
+    // bare message a C function set.
+    let explicit_type = if offsets.thread_exception_type != 0 {
+        read_u64(thread + u64::from(offsets.thread_exception_type))
+    } else {
+        0
+    };
+    let value_type = if value != 0 { read_u64(value + 8) } else { 0 };
+    let exception_type = if explicit_type != 0 {
+        explicit_type
+    } else {
+        value_type
+    };
+    event.type_object = exception_type;
+    read_str(read_u64(exception_type + TP_NAME), &mut event.type_name);
+    // `str` as a little-endian word with its NUL.
+    let value_is_str = value_type != 0 && read_u32(read_u64(value_type + TP_NAME)) == 0x0072_7473;
+    let text = if value_is_str {
+        value
+    } else {
+        let args = read_u64(value + EXCEPTION_ARGS);
+        if args != 0 && read_u64(args + TUPLE_SIZE) > 0 {
+            read_u64(args + TUPLE_ITEMS)
+        } else {
+            0
+        }
+    };
+    if text != 0 && read_u32(text + STATE_OFFSET) & COMPACT_ASCII == COMPACT_ASCII {
+        read_str(text + u64::from(offsets.ascii_data), &mut event.message);
+    }
+    entry.submit(0);
+}
+
+/// `PyTypeObject.tp_name`; `PyBaseExceptionObject.args`; a tuple's
+/// `ob_size` and first item.
+const TP_NAME: u64 = 24;
+const EXCEPTION_ARGS: u64 = 24;
+const TUPLE_SIZE: u64 = 16;
+const TUPLE_ITEMS: u64 = 24;
+
+#[inline(always)]
+fn read_str<const N: usize>(address: u64, into: &mut [u8; N]) {
+    if address == 0 {
+        return;
+    }
+    unsafe {
+        generated::bpf_probe_read_user_str(into.as_mut_ptr().cast(), N as u32, address as *const _)
+    };
 }
 
 /// Whether calls of `code` in process `tgid` are traced (see the module's

@@ -340,6 +340,7 @@ pub fn new_thread_stack(tgid: u32, tid: u32) -> Option<&'static mut ThreadStack>
             slot.tgid = tgid;
             slot.next_id = random_id();
             slot.request = Default::default();
+            slot.python_raised = 0;
             // Last: from here on lookups find the slot.
             slot.owner = tid;
             return Some(slot);

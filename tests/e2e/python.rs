@@ -129,18 +129,20 @@ const IMPORTS: &str = "shop.<module> shop.cart.<module>(shop.cart.Cart) \
 /// Each `work()` trace has one error: the payment declined in `charge`,
 /// caught by `checkout`.
 fn check_caught_payment(spans: &[SpanRecord], label: &str) {
-    let errors: Vec<(String, Vec<String>, String)> = spans::exceptions(spans)
+    let errors: Vec<(String, String, Vec<String>, String)> = spans::exceptions(spans)
         .into_iter()
         .map(|(_, event)| {
             (
                 event.text("exception.type"),
+                event.text("exception.message"),
                 event.flow(),
                 event.text("omegi.error.outcome"),
             )
         })
         .collect();
     let caught = (
-        "Python exception".to_owned(),
+        "shop.errors.PaymentDeclined".to_owned(),
+        "card declined".to_owned(),
         vec!["shop.payments.charge".to_owned()],
         "caught in shop.payments.checkout".to_owned(),
     );
@@ -267,7 +269,20 @@ fn trace_running(
         let _ = agent.kill();
         panic!("the agent set no eval hook:\n{}", reader.join().unwrap());
     }
-    program.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut input = program.stdin.take().unwrap();
+    input.write_all(b"go\n").unwrap();
+    // Like a server, it lives on after the calls: the agent reads what it
+    // cannot read in the kernel (an exception's module) while it does.
+    let deadline = std::time::Instant::now() + omegi_tests::scaled(Duration::from_secs(60));
+    let complete_lines = || {
+        let text = std::fs::read_to_string(spans_file).unwrap_or_default();
+        parse_lines(text.rfind('\n').map_or("", |end| &text[..=end]))
+    };
+    while spans::exceptions(&complete_lines()).len() < 2 {
+        assert!(std::time::Instant::now() < deadline, "no error traces came");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(input);
     let status = run::wait_with_timeout(&mut program, run::RUN_TIMEOUT).expect("program ends");
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut output, &mut rest).unwrap();
@@ -316,7 +331,8 @@ fn without_the_eval_hook_calls_made_from_c_are_traced() {
 }
 
 /// An exception nobody catches ends the program as untraced (exit 1, its
-/// traceback on stderr); its flow is every traced call it left.
+/// traceback on stderr); its flow is every traced call it left, with a
+/// built-in type's name and its message.
 #[test]
 fn an_uncaught_exception_is_an_error_trace_and_ends_the_program_as_untraced() {
     let python = interpreters().into_iter().next().unwrap();

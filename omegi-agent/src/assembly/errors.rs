@@ -82,7 +82,7 @@ pub struct ErrorInfo {
 impl ErrorInfo {
     /// The status description of a span on the error's flow.
     pub fn description(&self) -> String {
-        if self.message.is_empty() {
+        if self.message.is_empty() || self.message == self.type_name {
             self.type_name.clone()
         } else {
             format!("{}: {}", self.type_name, self.message)

@@ -40,7 +40,8 @@ use std::{
 };
 
 use omegi_common::{
-    end_reason, span_flags, ErrorEvent, HttpEvent, PythonCodeEvent, SpanEvent, ThreadExitEvent,
+    end_reason, span_flags, ErrorEvent, HttpEvent, PythonCodeEvent, PythonExceptionEvent,
+    SpanEvent, ThreadExitEvent,
 };
 
 use crate::http::{HttpSpan, Messages, Side, TraceParent};
@@ -345,6 +346,13 @@ impl Assembler {
         }
     }
 
+    /// Takes what a Python exception leaving a traced call is.
+    pub fn on_python_exception(&mut self, event: &PythonExceptionEvent) {
+        if let Some(python) = &mut self.python {
+            python.on_exception(event);
+        }
+    }
+
     /// How many Python functions under the project root ran, for a Python
     /// interpreter.
     pub fn python_functions_seen(&self) -> Option<usize> {
@@ -438,8 +446,8 @@ impl Assembler {
             if let Some(python) = &mut self.python {
                 match python.on_return(event, fn_id) {
                     python::Return::Plain => {}
-                    python::Return::Raised => {
-                        span.status = Status::Error(python::EXCEPTION.into());
+                    python::Return::Raised(description) => {
+                        span.status = Status::Error(description);
                     }
                     python::Return::Ended(trace_key, info) => {
                         if event.ret == 0 {

@@ -340,6 +340,13 @@ fn offsets(minor: u8) -> PythonOffsets {
         // 12, 13: _PyInterpreterFrame.f_code / f_executable first.
         _ => (0, 112, 128, 68, 40),
     };
+    // PyThreadState: curexc_value and curexc_type, then current_exception.
+    let (thread_exception, thread_exception_type) = match minor {
+        10 => (96, 88),
+        11 => (104, 96),
+        12 => (96, 0),
+        _ => (112, 0),
+    };
     PythonOffsets {
         frame_code,
         code_filename,
@@ -347,6 +354,8 @@ fn offsets(minor: u8) -> PythonOffsets {
         code_line,
         ascii_data,
         root_len: 0,
+        thread_exception,
+        thread_exception_type,
     }
 }
 

@@ -144,6 +144,7 @@ const KERNEL_SUITES: &[&str] = &[
     "discovery",
     "runtimes",
     "overhead",
+    "python",
     "http",
 ];
 

@@ -8,13 +8,17 @@
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
-use omegi_common::{PythonCodeEvent, SpanEvent};
+use omegi_common::{PythonCodeEvent, PythonExceptionEvent, SpanEvent};
 
 use super::errors::{ErrorInfo, ErrorKind, FlowStep, Outcome, StackFrame};
-use crate::discovery::{python::module_name, Function, FunctionTable};
+use crate::discovery::{
+    python::{module_name, PythonTarget},
+    Function, FunctionTable,
+};
 
-/// The type name Python exceptions are reported with: the kernel side does
-/// not read the exception object yet.
+mod objects;
+
+/// The type name of a Python exception whose type could not be read.
 pub const EXCEPTION: &str = "Python exception";
 
 /// A Python exception leaving traced calls on one thread.
@@ -31,8 +35,9 @@ struct Raised {
 pub enum Return {
     /// Nothing to do with one.
     Plain,
-    /// The call was left by an exception (it returned NULL).
-    Raised,
+    /// The call was left by an exception (it returned NULL): its
+    /// description.
+    Raised(String),
     /// An exception ended here: caught by this call (or by code between
     /// traced calls); the error of the trace with this key.
     Ended(u64, ErrorInfo),
@@ -45,6 +50,8 @@ pub struct PythonCalls {
     /// The eval function's id: the `fn_id` every Python call arrives with.
     eval_id: u32,
     root: PathBuf,
+    /// The interpreter, for reading its objects.
+    python: Option<PythonTarget>,
     /// (process, code object) → its function's id.
     codes: HashMap<(u32, u64), u32>,
     /// Functions by (file, line, name): a module's code objects in another
@@ -52,6 +59,9 @@ pub struct PythonCalls {
     functions: HashMap<(String, u32, String), u32>,
     /// Exceptions in flight, by thread.
     raised: HashMap<u32, Raised>,
+    /// What the kernel side read of an exception about to leave a traced
+    /// call, by thread: (type, message).
+    read: HashMap<u32, (String, String)>,
 }
 
 impl PythonCalls {
@@ -66,9 +76,11 @@ impl PythonCalls {
             table: Arc::clone(table),
             eval_id: eval.id,
             root: python.project_root.clone(),
+            python: Some(python.clone()),
             codes: HashMap::new(),
             functions: HashMap::new(),
             raised: HashMap::new(),
+            read: HashMap::new(),
         })
     }
 
@@ -117,6 +129,51 @@ impl PythonCalls {
         self.functions.len()
     }
 
+    /// An exception is leaving a traced call (its span comes next).
+    pub fn on_exception(&mut self, event: &PythonExceptionEvent) {
+        let type_name = self.qualified(event);
+        let message = text(&event.message);
+        self.read.insert(event.tid, (type_name, message));
+        // A new exception: the last one on the thread ended unseen.
+        self.raised.remove(&event.tid);
+    }
+
+    /// An exception type's name with its module (`PaymentDeclined` →
+    /// `shop.errors.PaymentDeclined`), read from its `__module__` while the
+    /// process lives, else from the module its class body ran in, when that
+    /// was traced; a built-in's as it is (`ValueError`).
+    fn qualified(&self, event: &PythonExceptionEvent) -> String {
+        let type_name = text(&event.type_name);
+        if type_name.is_empty() {
+            return EXCEPTION.into();
+        }
+        if type_name.contains('.') {
+            // A C extension's type names its module itself.
+            return type_name;
+        }
+        let module = self
+            .python
+            .as_ref()
+            .and_then(|python| objects::type_module(event.tgid, event.type_object, python))
+            .or_else(|| {
+                let mut modules = self
+                    .functions
+                    .keys()
+                    .filter(|(_, _, qualname)| *qualname == type_name)
+                    .map(|(file, _, _)| module_name(std::path::Path::new(file), &self.root));
+                match (modules.next(), modules.next()) {
+                    (Some(module), None) => Some(module),
+                    _ => None,
+                }
+            });
+        match module {
+            Some(module) if !module.is_empty() && module != "builtins" => {
+                format!("{module}.{type_name}")
+            }
+            _ => type_name,
+        }
+    }
+
     /// A Python call (of `fn_id`, its code's function) returned: with NULL
     /// when an exception left it. Consecutive NULL returns on a thread, each
     /// from the caller of the last, are one exception's flow; the first call
@@ -127,17 +184,29 @@ impl PythonCalls {
         }
         let tid = event.tid;
         if event.ret == 0 {
-            let raised = self.raised.entry(tid).or_insert_with(|| Raised {
-                info: ErrorInfo {
-                    kind: ErrorKind::Exception,
-                    type_name: EXCEPTION.into(),
-                    message: String::new(),
-                    flow: Vec::new(),
-                    stack: Vec::new(),
-                    outcome: Outcome::Unknown,
-                },
-                depth: event.depth,
-                trace_key: event.trace_key,
+            let read = &mut self.read;
+            let raised = self.raised.entry(tid).or_insert_with(|| {
+                let (type_name, message) = read
+                    .remove(&tid)
+                    .unwrap_or_else(|| (EXCEPTION.to_owned(), String::new()));
+                // "others the type name": a message that is not a string.
+                let message = if message.is_empty() {
+                    type_name.clone()
+                } else {
+                    message
+                };
+                Raised {
+                    info: ErrorInfo {
+                        kind: ErrorKind::Exception,
+                        type_name,
+                        message,
+                        flow: Vec::new(),
+                        stack: Vec::new(),
+                        outcome: Outcome::Unknown,
+                    },
+                    depth: event.depth,
+                    trace_key: event.trace_key,
+                }
             });
             raised.info.flow.push(FlowStep {
                 fn_id,
@@ -154,7 +223,7 @@ impl PythonCalls {
                 let raised = self.raised.remove(&tid).expect("just inserted");
                 return Return::Ended(raised.trace_key, raised.info);
             }
-            return Return::Raised;
+            return Return::Raised(raised.info.description());
         }
         let Some(raised) = self.raised.remove(&tid) else {
             return Return::Plain;
