@@ -410,3 +410,122 @@ fn unsupported_versions_are_refused_and_an_empty_root_is_said() {
         "{stderr}"
     );
 }
+
+/// A Flask service under gunicorn, as the seed's users run theirs, traced
+/// by `--pid` of its worker after it started: a request whose handler
+/// raises (Flask answers 500) is an error trace on the Kafka error topic in
+/// the seed's format, with the service's name and token; a request that
+/// succeeds is no error.
+#[test]
+fn a_flask_service_under_gunicorn_sends_its_error_trace_to_kafka() {
+    use omegi_tests::kafka::{self, Broker};
+    let broker = Broker::start();
+    let service = omegi_tests::fixtures::sources_dir().join("python/service");
+    let port = kafka::free_port();
+    let mut gunicorn = Command::new(omegi_tests::peers::python_otel())
+        .args(["-m", "gunicorn", "--workers", "1", "--bind"])
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("--chdir")
+        .arg(&service)
+        .arg("orders.app:app")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + omegi_tests::scaled(Duration::from_secs(60));
+    let worker = loop {
+        let children = std::fs::read_to_string(format!(
+            "/proc/{0}/task/{0}/children",
+            gunicorn.id()
+        ))
+        .unwrap_or_default();
+        let listening = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
+        if let (true, Some(worker)) = (listening, children.split_whitespace().next()) {
+            break worker.to_owned();
+        }
+        assert!(std::time::Instant::now() < deadline, "gunicorn did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+
+    let dir = omegi_tests::scratch_dir("python-gunicorn");
+    let spans_file = dir.join("spans.jsonl");
+    let mut agent = Command::new(agent_bin())
+        .env("OMEGI_PROJECT_ROOT", &service)
+        .env("OMEGI_KAFKA_SERVER", broker.address())
+        .env("OMEGI_EXPORTER_KIND", "kafka,console")
+        .env("OMEGI_SERVICE_NAME", "orders")
+        .env("OMEGI_TOKEN", "token-orders")
+        .env("OMEGI_PYTHON_EVAL_HOOK", "1")
+        .args(["--format", "json", "--output"])
+        .arg(&spans_file)
+        .args(["--pid", &worker])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (hooked_tx, hooked) = mpsc::channel();
+    let stderr = BufReader::new(agent.stderr.take().unwrap());
+    let reader = std::thread::spawn(move || {
+        let mut all = String::new();
+        for line in stderr.lines().map_while(Result::ok) {
+            if line.contains("eval hook set in process") {
+                let _ = hooked_tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    if hooked.recv_timeout(omegi_tests::scaled(Duration::from_secs(60))).is_err() {
+        let _ = gunicorn.kill();
+        let _ = agent.kill();
+        panic!("no eval hook:\n{}", reader.join().unwrap());
+    }
+    assert!(get(port, "/orders/apple").starts_with("HTTP/1.1 200"));
+    assert!(get(port, "/orders/pear").starts_with("HTTP/1.1 500"));
+
+    let errors = kafka::read_json(&broker.address(), "error", 1);
+    // SAFETY: kill has no memory preconditions.
+    unsafe { libc::kill(gunicorn.id() as i32, libc::SIGTERM) };
+    let _ = run::wait_with_timeout(&mut gunicorn, run::RUN_TIMEOUT);
+    let _ = run::wait_with_timeout(&mut agent, run::RUN_TIMEOUT);
+    let agent_stderr = reader.join().unwrap();
+    assert_eq!(errors.len(), 1, "{agent_stderr}");
+    let message = &errors[0];
+    assert_eq!(message["serviceName"], "orders");
+    assert_eq!(message["token"], "token-orders");
+    let error = &message["error"];
+    assert_eq!(error["exception.type"], "orders.pricing.OutOfStock", "{message}");
+    assert_eq!(error["exception.message"], "no pear left");
+    assert_eq!(
+        error["exception.flow"],
+        serde_json::json!({
+            "step.1": "orders.pricing.reserve",
+            "step.2": "orders.pricing.price",
+            "step.3": "orders.app.order"
+        })
+    );
+    let names: Vec<&str> = message["spans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|span| span["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"orders.app.order"), "{names:?}");
+}
+
+/// A bare HTTP/1.0-style GET, answered and closed by the server: its reply.
+fn get(port: u16, path: &str) -> String {
+    use std::io::Read;
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply).unwrap();
+    reply
+}

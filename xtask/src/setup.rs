@@ -323,6 +323,7 @@ opentelemetry-instrumentation-flask==0.66b1
 opentelemetry-instrumentation-requests==0.66b1
 opentelemetry-util-http==0.66b1
 flask==3.1.3
+gunicorn==23.0.0
 werkzeug==3.1.9
 blinker==1.9.0
 click==8.5.1
@@ -344,13 +345,14 @@ wrapt==2.5.2
 const PYTHON_OTEL_MARKER: &str = "omegi-requirements.txt";
 
 /// A Python virtual environment with the OpenTelemetry SDK, Flask, requests
-/// and their instrumentations from PyPI, made with the machine's `python3`
+/// and their instrumentations from PyPI, and gunicorn (to serve a Flask app
+/// as Python services are served), made with the machine's `python3`
 /// (Debian's needs `python3-venv`).
 fn python_otel_venv() -> Result<()> {
     let venv = python_otel();
     let marker = venv.join(PYTHON_OTEL_MARKER);
     let imports = "import opentelemetry.sdk.trace, opentelemetry.instrumentation.flask, \
-                   opentelemetry.instrumentation.requests, flask, requests";
+                   opentelemetry.instrumentation.requests, flask, requests, gunicorn";
     if std::fs::read_to_string(&marker).is_ok_and(|text| text == PYTHON_OTEL_REQUIREMENTS)
         && works(Command::new(python_otel_python()).args(["-c", imports]))
     {
