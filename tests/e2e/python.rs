@@ -219,6 +219,24 @@ fn every_call_traced_on_every_version_and_build() {
             "{label}"
         );
         assert_eq!(first.attr("code.lineno").as_deref(), Some("4"), "{label}");
+        // The seed's attributes: the module, and the name in it.
+        assert_eq!(
+            first.attr("module").as_deref(),
+            Some("shop.payments"),
+            "{label}"
+        );
+        assert_eq!(first.attr("name").as_deref(), Some("charge"), "{label}");
+        let total = spans.iter().find(|s| s.name.ends_with(".total")).unwrap();
+        let expected_name = if python.minor == 10 {
+            "total"
+        } else {
+            "Cart.total"
+        };
+        assert_eq!(
+            total.attr("name").as_deref(),
+            Some(expected_name),
+            "{label}"
+        );
     }
 }
 
@@ -435,16 +453,17 @@ fn a_flask_service_under_gunicorn_sends_its_error_trace_to_kafka() {
         .unwrap();
     let deadline = std::time::Instant::now() + omegi_tests::scaled(Duration::from_secs(60));
     let worker = loop {
-        let children = std::fs::read_to_string(format!(
-            "/proc/{0}/task/{0}/children",
-            gunicorn.id()
-        ))
-        .unwrap_or_default();
+        let children =
+            std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", gunicorn.id()))
+                .unwrap_or_default();
         let listening = std::net::TcpStream::connect(("127.0.0.1", port)).is_ok();
         if let (true, Some(worker)) = (listening, children.split_whitespace().next()) {
             break worker.to_owned();
         }
-        assert!(std::time::Instant::now() < deadline, "gunicorn did not start");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gunicorn did not start"
+        );
         std::thread::sleep(Duration::from_millis(100));
     };
 
@@ -478,7 +497,10 @@ fn a_flask_service_under_gunicorn_sends_its_error_trace_to_kafka() {
         }
         all
     });
-    if hooked.recv_timeout(omegi_tests::scaled(Duration::from_secs(60))).is_err() {
+    if hooked
+        .recv_timeout(omegi_tests::scaled(Duration::from_secs(60)))
+        .is_err()
+    {
         let _ = gunicorn.kill();
         let _ = agent.kill();
         panic!("no eval hook:\n{}", reader.join().unwrap());
@@ -497,7 +519,10 @@ fn a_flask_service_under_gunicorn_sends_its_error_trace_to_kafka() {
     assert_eq!(message["serviceName"], "orders");
     assert_eq!(message["token"], "token-orders");
     let error = &message["error"];
-    assert_eq!(error["exception.type"], "orders.pricing.OutOfStock", "{message}");
+    assert_eq!(
+        error["exception.type"], "orders.pricing.OutOfStock",
+        "{message}"
+    );
     assert_eq!(error["exception.message"], "no pear left");
     assert_eq!(
         error["exception.flow"],
@@ -514,6 +539,15 @@ fn a_flask_service_under_gunicorn_sends_its_error_trace_to_kafka() {
         .map(|span| span["name"].as_str().unwrap())
         .collect();
     assert!(names.contains(&"orders.app.order"), "{names:?}");
+    let handler = message["spans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|span| span["name"] == "orders.app.order")
+        .unwrap();
+    assert_eq!(handler["attributes"]["module"], "orders.app");
+    assert_eq!(handler["attributes"]["name"], "order");
+    assert_eq!(handler["attributes"]["otel.status_code"], "ERROR");
 }
 
 /// A bare HTTP/1.0-style GET, answered and closed by the server: its reply.

@@ -82,6 +82,10 @@ enum Task {
         /// Where to write the report.
         #[arg(long, default_value = "BENCHMARKS.md")]
         output: PathBuf,
+        /// Run one case only and print it, writing no report: `python` or
+        /// `sqlite`.
+        #[arg(long, value_name = "CASE")]
+        only: Option<String>,
     },
 }
 
@@ -108,9 +112,11 @@ fn main() -> std::process::ExitCode {
             reps,
             quick,
             output,
+            only,
         } => done(bench::bench(&bench::Options {
             reps,
             quick,
+            only,
             output: if output.is_absolute() {
                 output
             } else {

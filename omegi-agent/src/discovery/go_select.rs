@@ -181,6 +181,7 @@ pub fn discover(
             size: symbol.size(),
             code: analysis,
             runs_python: false,
+            python_module: None,
         });
     }
     table.sources = sources.map(std::sync::Arc::new);

@@ -161,6 +161,9 @@ pub struct Function {
     /// `python.rs`). Its calls are named per code object, never by this
     /// function's name, and its returns are always probed where they are.
     pub runs_python: bool,
+    /// A Python function's module (`shop.payments`); its `symbol` is then
+    /// its qualified name in the module (`Cart.total`), the seed's `name`.
+    pub python_module: Option<String>,
 }
 
 impl Function {
@@ -177,6 +180,7 @@ impl Function {
             size: 1,
             code: CodeAnalysis::default(),
             runs_python: false,
+            python_module: None,
         }
     }
 
@@ -640,6 +644,7 @@ impl Selector<'_, '_> {
                 size: symbol.size(),
                 code: analysis,
                 runs_python: false,
+                python_module: None,
             });
         }
     }

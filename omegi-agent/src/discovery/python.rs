@@ -292,6 +292,7 @@ impl FunctionTable {
                 size: eval.1,
                 code: analysis,
                 runs_python: true,
+                python_module: None,
             }],
         );
         table.has_dwarf = elf::has_dwarf(&file);

@@ -64,6 +64,11 @@ pub fn span_json(trace: &Trace, span: &Span, context: &ExportContext) -> Value {
         if let Some(line) = function.line {
             attributes.insert("code.lineno".into(), line.into());
         }
+        if let Some(module) = &function.python_module {
+            // The seed's own attributes for a Python function.
+            attributes.insert("module".into(), module.clone().into());
+            attributes.insert("name".into(), function.symbol.clone().into());
+        }
     }
     attributes.insert(span.runner_attribute().into(), span.tid.into());
     attributes.insert("process.pid".into(), span.pid.into());
@@ -217,6 +222,13 @@ impl SpanWriter {
                 }
                 if let Some(line) = function.line {
                     code.push_str(&format!("\"code.lineno\":{line},"));
+                }
+                if let Some(module) = &function.python_module {
+                    code.push_str(&format!(
+                        "\"module\":{},\"name\":{},",
+                        json!(module),
+                        json!(function.symbol)
+                    ));
                 }
             }
             (format!("\"name\":{}", json!(name)), code)

@@ -237,6 +237,11 @@ pub fn span_data(
         if let Some(line) = function.line {
             attributes.push(KeyValue::new("code.lineno", i64::from(line)));
         }
+        if let Some(module) = &function.python_module {
+            // The seed's own attributes for a Python function.
+            attributes.push(KeyValue::new("module", module.clone()));
+            attributes.push(KeyValue::new("name", function.symbol.clone()));
+        }
     }
     attributes.push(KeyValue::new(span.runner_attribute(), i64::from(span.tid)));
     attributes.push(KeyValue::new("process.pid", i64::from(span.pid)));

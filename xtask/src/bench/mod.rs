@@ -34,6 +34,7 @@ mod exceptions;
 mod http;
 mod instructions;
 mod per_call;
+mod python;
 mod rates;
 mod report;
 mod sqlite;
@@ -49,6 +50,8 @@ pub struct Options {
     pub quick: bool,
     /// Where the report goes.
     pub output: PathBuf,
+    /// One case to run alone (printed, no report).
+    pub only: Option<String>,
 }
 
 impl Default for Options {
@@ -57,6 +60,7 @@ impl Default for Options {
             reps: 5,
             quick: false,
             output: PathBuf::from("BENCHMARKS.md"),
+            only: None,
         }
     }
 }
@@ -74,6 +78,12 @@ pub fn bench(options: &Options) -> Result<()> {
         "assembly_bench",
     ]))?;
     let bench = Bench::prepare(options)?;
+    match options.only.as_deref() {
+        None => {}
+        Some("python") => return bench.python().map(drop),
+        Some("sqlite") => return bench.sqlite().map(drop),
+        Some(other) => bail!("no bench case {other:?} to run alone (python, sqlite)"),
+    }
     let started = Instant::now();
     let machine = Machine::read();
     println!("bench: {}", machine.summary());
@@ -101,6 +111,8 @@ pub fn bench(options: &Options) -> Result<()> {
     report.budget = bench.budget()?;
     println!("\n== a real library: SQLite");
     report.sqlite = bench.sqlite()?;
+    println!("\n== Python calls: omegi against the seed library");
+    report.python = bench.python()?;
     println!("\n== HTTP server throughput under wrk");
     report.http = bench.http()?;
     println!("\n== attach and detach time");

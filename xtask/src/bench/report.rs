@@ -15,6 +15,7 @@ use super::{
     http::{self, HttpRow},
     instructions::{self, InstructionCost},
     per_call::{self, PerCall},
+    python::{self, PythonRow},
     rates::{self, RateRow},
     sqlite::{self, SqliteRow},
     Options,
@@ -34,6 +35,7 @@ pub(super) struct Report {
     pub(super) min_duration: Vec<RateRow>,
     pub(super) budget: Vec<BudgetRow>,
     pub(super) sqlite: Vec<SqliteRow>,
+    pub(super) python: Vec<PythonRow>,
     pub(super) http: Vec<HttpRow>,
     pub(super) attach: Vec<AttachRow>,
     pub(super) assembly: Vec<AssemblyRow>,
@@ -177,6 +179,7 @@ impl Report {
         rates::markdown(&mut md, &self.rates, &self.drain, &self.min_duration);
         budget::markdown(&mut md, &self.budget);
         sqlite::markdown(&mut md, &self.sqlite);
+        python::markdown(&mut md, &self.python);
         http::markdown(&mut md, &self.http);
         attach::markdown(&mut md, &self.attach);
         assembly::markdown(&mut md, &self.assembly);

@@ -104,6 +104,7 @@ impl PythonCalls {
                 let mut function =
                     Function::described(0, &name, Some(&file), Some(event.line).filter(|&l| l > 0));
                 function.symbol = qualname;
+                function.python_module = Some(module);
                 let id = self.table.add_found(function);
                 self.functions.insert(key, id);
                 id

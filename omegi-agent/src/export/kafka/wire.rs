@@ -241,8 +241,9 @@ pub fn split_qualified(name: &str) -> Option<(&str, &str)> {
 /// One span as the server reads it. Attribute values are strings:
 ///
 /// - `module`, `name`: as the Python library's (its module and function):
-///   the demangled name split at its last `::`; a name without `::` (C) has
-///   its source file, relative to the project root, as module.
+///   a Python function's own; otherwise the demangled name split at its
+///   last `::`; a name without `::` (C) has its source file, relative to
+///   the project root, as module.
 /// - `thread.id`, `process.pid`, `code.function`, `code.filepath`,
 ///   `code.lineno`, `omegi.end` (how the call ended), and when they apply
 ///   `omegi.caller.span_id`, `omegi.trace.partial`, `otel.status_code` and
@@ -254,8 +255,11 @@ pub fn wire_span(trace: &Trace, span: &Span, context: &ExportContext) -> Value {
     let mut put = |key: &str, value: String| {
         attributes.insert(key.to_owned(), Value::String(value));
     };
+    let python = function.and_then(|f| Some((f.python_module.clone()?, f.symbol.clone())));
     let (module, short) = match split_qualified(&full_name) {
         _ if span.http.is_some() => ("http".to_owned(), full_name.clone()),
+        // A Python function: as the seed named it.
+        _ if python.is_some() => python.clone().unwrap_or_default(),
         Some((module, short)) => (module.to_owned(), short.to_owned()),
         None => {
             let module = function
