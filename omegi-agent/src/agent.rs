@@ -201,6 +201,13 @@ async fn trace(
             python.library.display(),
             python.project_root.display(),
         );
+        if python_files(&python.project_root).is_empty() {
+            tracing::warn!(
+                "there is no .py file under the project root {}: nothing will be traced unless \
+                 the program's files are there (OMEGI_PROJECT_ROOT, --project-root)",
+                python.project_root.display()
+            );
+        }
         if python.inlines_calls() && !config.python_eval_hook {
             tracing::warn!(
                 "Python {} runs a Python function called from Python inside its caller's eval \
@@ -506,6 +513,36 @@ impl PythonHooks {
             }
         }
     }
+}
+
+/// The `.py` files under `root` (at most 1,000, hidden directories and
+/// virtual environments' `site-packages` left out), sorted.
+fn python_files(root: &std::path::Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut directories = vec![root.to_owned()];
+    while let Some(directory) = directories.pop() {
+        let Ok(entries) = std::fs::read_dir(&directory) else {
+            continue;
+        };
+        for entry in entries.filter_map(Result::ok) {
+            let path = entry.path();
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') || name == "site-packages" || name == "__pycache__" {
+                continue;
+            }
+            match entry.file_type() {
+                Ok(kind) if kind.is_dir() => directories.push(path),
+                Ok(_) if name.ends_with(".py") => files.push(path),
+                _ => {}
+            }
+            if files.len() >= 1000 {
+                break;
+            }
+        }
+    }
+    files.sort();
+    files
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -895,6 +932,25 @@ fn stats_line(
 /// `--list`: what would be traced and what was skipped.
 pub fn describe_table(table: &FunctionTable, mechanism: ReturnMechanism) -> String {
     let mut out = String::new();
+    if let Some(python) = &table.python {
+        let _ = writeln!(
+            out,
+            "{} is Python {} ({}): every Python function whose file lies under {} is \
+             traced as it is called (from 3.11 only calls made from C, unless \
+             --python-eval-hook), named module.qualname; exceptions that leave them are error \
+             traces",
+            table.binary.display(),
+            python.version(),
+            python.library.display(),
+            python.project_root.display(),
+        );
+        let files = python_files(&python.project_root);
+        let _ = writeln!(out, "{} Python files under the project root", files.len());
+        for file in files {
+            let _ = writeln!(out, "  {}", file.display());
+        }
+        return out;
+    }
     let _ = writeln!(
         out,
         "{} functions would be traced in {} (debug info: {}; returns by {}{})",

@@ -422,11 +422,32 @@ fn unsupported_versions_are_refused_and_an_empty_root_is_said() {
     let (status, _, stderr) = run::run_to_end(command);
     assert!(status.success(), "{stderr}");
     assert!(
+        stderr.contains("warning: there is no .py file under the project root /nonexistent-root"),
+        "{stderr}"
+    );
+    assert!(
         stderr.contains(
             "warning: no Python function under the project root /nonexistent-root ran while traced"
         ),
         "{stderr}"
     );
+
+    // --list says what would be traced: the interpreter and the files.
+    let mut command = Command::new(agent_bin());
+    command
+        .arg("--project-root")
+        .arg(app())
+        .arg("--list")
+        .arg("--binary")
+        .arg(&python.path);
+    let (status, stdout, stderr) = run::run_to_end(command);
+    assert!(status.success(), "{stderr}");
+    assert!(stdout.contains(" is Python 3.10 ("), "{stdout}");
+    assert!(
+        stdout.contains("5 Python files under the project root"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("shop/payments.py"), "{stdout}");
 }
 
 /// A Flask service under gunicorn, as the seed's users run theirs, traced
