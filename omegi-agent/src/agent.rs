@@ -443,6 +443,12 @@ struct PythonHooks {
 
 impl PythonHooks {
     fn new(config: &Config, table: &FunctionTable, library: &std::path::Path) -> Self {
+        if config.python_eval_hook && table.python.is_none() {
+            tracing::warn!(
+                "--python-eval-hook is for Python interpreters; {} is not one",
+                table.binary.display()
+            );
+        }
         let interpreter = table
             .python
             .as_ref()
@@ -498,6 +504,8 @@ impl PythonHooks {
                     tracing::debug!("eval hook set in process {pid}");
                     lock(&set).push(hook);
                 }
+                // A short program may end before its interpreter is set up.
+                Err(crate::attach::python_hook::HookError::Gone(_)) => {}
                 Err(error) => {
                     tracing::warn!("no eval hook (only calls made from C are traced): {error}")
                 }

@@ -15,8 +15,8 @@ use std::{
 
 use aya::maps::{MapData, PerCpuArray};
 use omegi_common::{
-    counter, event_kind, ErrorEvent, Frame, HttpEvent, PythonCodeEvent, PythonExceptionEvent,
-    SpanEvent, ThreadExitEvent,
+    counter, event_kind, ErrorEvent, Frame, HttpEvent, PythonCodeEvent, PythonCodeKey,
+    PythonExceptionEvent, SpanEvent, ThreadExitEvent,
 };
 
 use crate::{
@@ -230,7 +230,9 @@ fn drain(
                 Vec::new()
             }
             Some(Event::PythonCode(event)) => {
-                assembler.on_python_code(&event);
+                if !assembler.on_python_code(&event) {
+                    untrace_python_code(&mut maps.python_codes, &event);
+                }
                 Vec::new()
             }
             Some(Event::PythonException(event)) => {
@@ -247,6 +249,29 @@ fn drain(
         }
     }
     records
+}
+
+/// Turns off the kernel's tracing of a Python code object that
+/// `--include`/`--exclude` leave out (the calls it made before are left out
+/// by the assembly).
+fn untrace_python_code(
+    codes: &mut Option<
+        aya::maps::HashMap<aya::maps::MapData, PythonCodeKey, omegi_common::PythonCodeVerdict>,
+    >,
+    event: &PythonCodeEvent,
+) {
+    let Some(codes) = codes.as_mut() else {
+        return;
+    };
+    let key = PythonCodeKey {
+        tgid: event.tgid,
+        _pad: 0,
+        code: event.code,
+    };
+    if let Ok(mut verdict) = codes.get(&key, 0) {
+        verdict.traced = 0;
+        let _ = codes.insert(key, verdict, 0);
+    }
 }
 
 /// Gives a finished trace to the exporters.

@@ -280,6 +280,27 @@ pub struct PythonExceptionEvent {
     pub message: [u8; PYTHON_PATH_MAX],
 }
 
+/// A key of the kernel's `PYTHON_CODES` map: a code object in a process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PythonCodeKey {
+    pub tgid: u32,
+    pub _pad: u32,
+    pub code: u64,
+}
+
+/// What a code object was when it was judged (its file and name objects
+/// and first line), and whether its calls are traced (1) or not (0; the
+/// agent sets 0 for code `--include`/`--exclude` leave out).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PythonCodeVerdict {
+    pub filename: u64,
+    pub name: u64,
+    pub line: u32,
+    pub traced: u32,
+}
+
 /// Where the kernel side finds a Python call's code and the code's name
 /// (bytes, for the interpreter's version), set by the agent.
 #[repr(C)]
@@ -758,3 +779,9 @@ unsafe impl aya::Pod for PythonCodeEvent {}
 #[cfg(feature = "user")]
 // SAFETY: as above.
 unsafe impl aya::Pod for PythonExceptionEvent {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for PythonCodeKey {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for PythonCodeVerdict {}

@@ -16,13 +16,13 @@ use aya_ebpf::{
     bindings::pt_regs,
     helpers::{bpf_get_current_pid_tgid, generated},
     macros::map,
-    maps::{Array, HashMap},
+    maps::{Array, LruHashMap},
     programs::ProbeContext,
     Global,
 };
 use omegi_common::{
-    counter, end_reason, event_kind, PythonCodeEvent, PythonExceptionEvent, PythonOffsets,
-    PYTHON_NAME_MAX, PYTHON_PATH_MAX,
+    counter, end_reason, event_kind, PythonCodeEvent, PythonCodeKey, PythonCodeVerdict,
+    PythonExceptionEvent, PythonOffsets, PYTHON_NAME_MAX, PYTHON_PATH_MAX,
 };
 
 use crate::{count, stack, EVENTS};
@@ -43,28 +43,11 @@ static PYTHON_OFFSETS: Global<PythonOffsets> = Global::new(PythonOffsets {
 #[map]
 static PYTHON_ROOT: Array<[u8; PYTHON_PATH_MAX]> = Array::with_max_entries(1, 0);
 
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct CodeKey {
-    tgid: u32,
-    _pad: u32,
-    code: u64,
-}
-
-/// What a code object was when it was judged, and the verdict.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct CodeVerdict {
-    filename: u64,
-    name: u64,
-    line: u32,
-    traced: u32,
-}
-
-/// Code objects judged, by process. A full map costs a judgement per call
-/// of code not in it, never a wrong one.
+/// Code objects judged, by process. Least recently used entries make room
+/// (the processes that exited, code not called for long): an evicted code
+/// object is judged, and if traced named, again at its next call.
 #[map]
-static PYTHON_CODES: HashMap<CodeKey, CodeVerdict> = HashMap::with_max_entries(65536, 0);
+static PYTHON_CODES: LruHashMap<PythonCodeKey, PythonCodeVerdict> = LruHashMap::with_max_entries(65536, 0);
 
 /// `PyASCIIObject.state`'s `compact` and `ascii` bits: the characters follow
 /// the object's header, one byte each.
@@ -196,7 +179,7 @@ fn traced(tgid: u32, code: u64, offsets: &PythonOffsets) -> bool {
     let filename = read_u64(code + u64::from(offsets.code_filename));
     let name = read_u64(code + u64::from(offsets.code_name));
     let line = read_u32(code + u64::from(offsets.code_line));
-    let key = CodeKey {
+    let key = PythonCodeKey {
         tgid,
         _pad: 0,
         code,
@@ -207,7 +190,7 @@ fn traced(tgid: u32, code: u64, offsets: &PythonOffsets) -> bool {
         }
     }
     let traced = judge(tgid, code, filename, name, line, offsets);
-    let verdict = CodeVerdict {
+    let verdict = PythonCodeVerdict {
         filename,
         name,
         line,

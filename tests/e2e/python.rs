@@ -584,3 +584,40 @@ fn get(port: u16, path: &str) -> String {
     stream.read_to_string(&mut reply).unwrap();
     reply
 }
+
+/// `--exclude` on Python names: the excluded function's calls are gone and
+/// the calls under them hang from the nearest traced caller.
+#[test]
+fn include_and_exclude_apply_to_python_names() {
+    let python = interpreters().into_iter().next().unwrap();
+    let dir = omegi_tests::scratch_dir("python-exclude");
+    let spans_file = dir.join("spans.jsonl");
+    let mut command = agent(
+        &[
+            "--quiet",
+            "--exclude",
+            "shop.cart.fib",
+            "--exclude",
+            "shop.payments.checkout",
+        ],
+        &spans_file,
+    );
+    command
+        .arg("--")
+        .arg(&python.path)
+        .arg(app().join("main.py"));
+    let (status, _, stderr) = run::run_to_end(command);
+    assert!(status.success(), "{stderr}");
+    let spans = parse_lines(&std::fs::read_to_string(&spans_file).unwrap());
+    let thread = traces(&spans)
+        .into_iter()
+        .find(|trace| trace.root().name == "main.work")
+        .expect("the thread's trace");
+    thread.check_well_formed();
+    assert_eq!(
+        thread.shape(),
+        "main.work(shop.cart.__init__ shop.cart.add shop.cart.add shop.cart.by_price \
+         shop.cart.by_price shop.cart.prices shop.cart.prices shop.cart.prices shop.cart.total \
+         shop.cart.total shop.payments.charge)"
+    );
+}

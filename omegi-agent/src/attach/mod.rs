@@ -29,9 +29,9 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use omegi_common::{
-    end_reason, globals, names, span_flags, state, ThreadStack, ALL_PROCESSES_KEY,
-    ENTRY_FLAGS_SHIFT, ENTRY_PYTHON_EVAL, EXIT_KIND_SHIFT, EXIT_PYTHON_EVAL, GENERATION_SHIFT,
-    PYTHON_PATH_MAX,
+    end_reason, globals, names, span_flags, state, PythonCodeKey, PythonCodeVerdict, ThreadStack,
+    ALL_PROCESSES_KEY, ENTRY_FLAGS_SHIFT, ENTRY_PYTHON_EVAL, EXIT_KIND_SHIFT, EXIT_PYTHON_EVAL,
+    GENERATION_SHIFT, PYTHON_PATH_MAX,
 };
 
 pub use features::KernelFeatures;
@@ -227,6 +227,9 @@ pub struct KernelMaps {
     pub thread_slots: Array<MapData, ThreadStack>,
     /// A Go program's shadow stacks, by process and goroutine.
     pub goroutines: BpfHashMap<MapData, u64, ThreadStack>,
+    /// Python code objects judged (the agent turns off those its filters
+    /// leave out), for a Python interpreter.
+    pub python_codes: Option<BpfHashMap<MapData, PythonCodeKey, PythonCodeVerdict>>,
     /// Kernel-side diagnostics, with `--debug-ebpf`.
     pub logger: Option<aya_log::EbpfLogger<&'static dyn log::Log>>,
 }
@@ -620,6 +623,11 @@ impl Probes {
             threads: take_map(&mut ebpf, names::MAP_THREADS)?,
             thread_slots: take_map(&mut ebpf, names::MAP_THREAD_SLOTS)?,
             goroutines: take_map(&mut ebpf, names::MAP_GOROUTINES)?,
+            python_codes: if table.python.is_some() {
+                Some(take_map(&mut ebpf, names::MAP_PYTHON_CODES)?)
+            } else {
+                None
+            },
             logger,
         };
         let tgids = take_map(&mut ebpf, names::MAP_TGIDS)?;

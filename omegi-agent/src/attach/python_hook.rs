@@ -33,6 +33,8 @@ pub enum HookError {
     Memory { pid: u32, source: std::io::Error },
     #[error("process {0} has no Python interpreter set up yet")]
     NotReady(u32),
+    #[error("process {0} ended before its interpreter was set up")]
+    Gone(u32),
     #[error(
         "process {0} already has an eval-frame function (a debugger or profiler using PEP 523); \
          omegi leaves it alone"
@@ -99,6 +101,9 @@ impl EvalHook {
     ) -> Result<Self, HookError> {
         let deadline = Instant::now() + patience;
         loop {
+            if !crate::process::is_alive(pid) {
+                return Err(HookError::Gone(pid));
+            }
             match Self::install(pid, python, library, data) {
                 Err(HookError::NotReady(_) | HookError::NotMapped { .. })
                     if Instant::now() < deadline =>

@@ -668,13 +668,15 @@ fn analyze_with_offsets(
     Ok(analysis)
 }
 
-struct NameFilter {
+/// `--include`/`--exclude`: which names are kept.
+#[derive(Clone, Debug)]
+pub struct NameFilter {
     include: Option<GlobSet>,
     exclude: GlobSet,
 }
 
 impl NameFilter {
-    fn new(selection: &Selection) -> Result<Self, DiscoveryError> {
+    pub fn new(selection: &Selection) -> Result<Self, DiscoveryError> {
         let build = |patterns: &[String]| -> Result<GlobSet, DiscoveryError> {
             let mut builder = GlobSetBuilder::new();
             for pattern in patterns {
@@ -699,7 +701,7 @@ impl NameFilter {
         })
     }
 
-    fn keeps(&self, name: &str) -> bool {
+    pub fn keeps(&self, name: &str) -> bool {
         self.include.as_ref().is_none_or(|set| set.is_match(name)) && !self.exclude.is_match(name)
     }
 }

@@ -42,6 +42,8 @@ pub struct PythonTarget {
     pub offsets: PythonOffsets,
     /// Code whose file lies under this directory is traced.
     pub project_root: PathBuf,
+    /// `--include`/`--exclude`, on `module.qualname`.
+    pub filter: super::NameFilter,
     /// Where the eval hook writes, when it could be found.
     pub hook: Option<EvalHookSites>,
 }
@@ -302,6 +304,7 @@ impl FunctionTable {
             library: library.path.clone(),
             offsets,
             project_root: super::normalize(&selection.project_root),
+            filter: super::NameFilter::new(selection)?,
             hook: hook_sites(&file, eval.0),
         });
         Ok(table)

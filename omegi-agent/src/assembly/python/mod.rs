@@ -62,6 +62,12 @@ pub struct PythonCalls {
     /// What the kernel side read of an exception about to leave a traced
     /// call, by thread: (type, message).
     read: HashMap<u32, (String, String)>,
+    /// Functions `--include`/`--exclude` leave out: the kernel stops
+    /// tracing their code once told, and the calls it made before go.
+    left_out: std::collections::HashSet<u32>,
+    /// By trace: the span ids of calls left out → their parents, for the
+    /// calls under them (which ended first) to hang from the parent.
+    skipped: HashMap<u64, HashMap<u64, u64>>,
 }
 
 impl PythonCalls {
@@ -81,11 +87,14 @@ impl PythonCalls {
             functions: HashMap::new(),
             raised: HashMap::new(),
             read: HashMap::new(),
+            left_out: std::collections::HashSet::new(),
+            skipped: HashMap::new(),
         })
     }
 
-    /// A traced code object's first call: its function.
-    pub fn on_code(&mut self, event: &PythonCodeEvent) {
+    /// A traced code object's first call: its function. False when
+    /// `--include`/`--exclude` leave it out.
+    pub fn on_code(&mut self, event: &PythonCodeEvent) -> bool {
         let file = text(&event.filename);
         let qualname = text(&event.name);
         let key = (file.clone(), event.line, qualname.clone());
@@ -105,12 +114,20 @@ impl PythonCalls {
                     Function::described(0, &name, Some(&file), Some(event.line).filter(|&l| l > 0));
                 function.symbol = qualname;
                 function.python_module = Some(module);
+                let kept = self
+                    .python
+                    .as_ref()
+                    .is_none_or(|python| python.filter.keeps(&name));
                 let id = self.table.add_found(function);
                 self.functions.insert(key, id);
+                if !kept {
+                    self.left_out.insert(id);
+                }
                 id
             }
         };
         self.codes.insert((event.tgid, event.code), id);
+        !self.left_out.contains(&id)
     }
 
     /// The function a span of `fn_id` with this `entry_ip` in process
@@ -124,6 +141,39 @@ impl PythonCalls {
 }
 
 impl PythonCalls {
+    /// Whether a call of `fn_id` is left out (by `--include`/`--exclude`;
+    /// made before the kernel was told): then the calls under it hang from
+    /// its parent. An outermost call stays (its trace would lose its root).
+    pub fn leave_out(&mut self, fn_id: u32, event: &SpanEvent, is_root: bool) -> bool {
+        if is_root || !self.left_out.contains(&fn_id) {
+            return false;
+        }
+        self.skipped
+            .entry(event.trace_key)
+            .or_default()
+            .insert(event.span_id, event.parent_span_id);
+        true
+    }
+
+    /// Hangs the calls of trace `trace_key` whose parent was left out from
+    /// the nearest kept one.
+    pub fn reparent(&mut self, trace_key: u64, spans: &mut [super::Span]) {
+        let Some(skipped) = self.skipped.remove(&trace_key) else {
+            return;
+        };
+        for span in spans {
+            let mut parent = span.parent_span_id;
+            // Bounded: a chain of left-out calls is at most the stack deep.
+            for _ in 0..=skipped.len() {
+                match skipped.get(&parent) {
+                    Some(&above) => parent = above,
+                    None => break,
+                }
+            }
+            span.parent_span_id = parent;
+        }
+    }
+
     /// Python calls the kernel side named (the interpreter ran code under
     /// the project root).
     pub fn functions_seen(&self) -> usize {
