@@ -32,6 +32,42 @@ struct Interpreter {
     path: PathBuf,
     minor: u8,
     label: String,
+    /// In a shared libpython (pyenv's), not linked in (Debian's).
+    shared: bool,
+}
+
+/// Whether this kernel has attach cookies (5.15+): without them a probe is
+/// found by its address in the executable, and an interpreter in a shared
+/// library is refused.
+fn kernel_has_attach_cookies() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|part| part.parse::<u32>().ok());
+    let (major, minor) = (numbers.next().unwrap(), numbers.next().unwrap());
+    (major, minor) >= (5, 15)
+}
+
+/// The one line a shared-library interpreter gets without attach cookies.
+fn refused_without_cookies(python: &Interpreter, extra: &[&str]) {
+    let mut command = agent(extra, Path::new("/dev/null"));
+    command.arg("--").arg(&python.path).args(["-c", "pass"]);
+    let line = refused(command);
+    let library = python
+        .path
+        .parent()
+        .unwrap()
+        .join(format!("../lib/libpython3.{}.so.1.0", python.minor));
+    let library = std::fs::canonicalize(library).unwrap();
+    assert!(
+        line.starts_with("omegi-agent: error: this kernel (")
+            && line.ends_with(&format!(
+                "has no attach cookies (Linux 5.15+), which tracing a Python interpreter in a \
+                 shared library ({}) needs",
+                library.display()
+            )),
+        "{line}"
+    );
 }
 
 /// Where pyenv keeps its Pythons.
@@ -69,6 +105,7 @@ fn interpreters() -> Vec<Interpreter> {
             path: home.join(format!("bin/python3.{minor}")),
             minor,
             label: format!("pyenv {}", home.display()),
+            shared: true,
         });
     }
     let debian = PathBuf::from("/usr/bin/python3.11");
@@ -77,6 +114,7 @@ fn interpreters() -> Vec<Interpreter> {
         path: debian,
         minor: 11,
         label: "Debian python3.11".into(),
+        shared: false,
     });
     found
 }
@@ -167,8 +205,13 @@ fn check_caught_payment(spans: &[SpanRecord], label: &str) {
 /// untraced output, and the hook is set back when the agent detaches.
 #[test]
 fn every_call_traced_on_every_version_and_build() {
+    let cookies = kernel_has_attach_cookies();
     for python in interpreters() {
         let label = &python.label;
+        if python.shared && !cookies {
+            refused_without_cookies(&python, &[]);
+            continue;
+        }
         let script = app().join("main.py");
         let plain = run::untraced(&python.path, &[&script]);
         let dir = omegi_tests::scratch_dir("python-every-call");
@@ -619,5 +662,40 @@ fn include_and_exclude_apply_to_python_names() {
         "main.work(shop.cart.__init__ shop.cart.add shop.cart.add shop.cart.by_price \
          shop.cart.by_price shop.cart.prices shop.cart.prices shop.cart.prices shop.cart.total \
          shop.cart.total shop.payments.charge)"
+    );
+}
+
+/// Kernels before 5.15 have no attach cookies: probes are found by their
+/// address in the executable (`--probe-lookup address` here, the default
+/// there). An interpreter linked into its executable (Debian's) is traced
+/// as with cookies; one in a shared libpython is refused in one line.
+#[test]
+fn without_attach_cookies_a_static_interpreter_is_traced_and_a_shared_one_refused() {
+    let all = interpreters();
+    let shared = all.iter().find(|python| python.shared).unwrap();
+    refused_without_cookies(shared, &["--probe-lookup", "address"]);
+    let debian = all.iter().find(|python| !python.shared).unwrap();
+    let dir = omegi_tests::scratch_dir("python-by-address");
+    let spans_file = dir.join("spans.jsonl");
+    let mut command = agent(&["--quiet", "--probe-lookup", "address"], &spans_file);
+    command
+        .arg("--")
+        .arg(&debian.path)
+        .arg(app().join("main.py"));
+    let (status, _, stderr) = run::run_to_end(command);
+    assert!(status.success(), "{stderr}");
+    let spans = parse_lines(&std::fs::read_to_string(&spans_file).unwrap());
+    let main = traces(&spans)
+        .into_iter()
+        .find(|trace| trace.root().name == "main.<module>")
+        .expect("the module's trace");
+    main.check_well_formed();
+    // No hook: the calls made from C (see the test without it).
+    assert_eq!(
+        main.shape(),
+        format!(
+            "main.<module>({IMPORTS} shop.cart.Cart.__init__ shop.cart.by_price \
+             shop.cart.by_price shop.cart.prices shop.cart.prices shop.cart.prices)"
+        )
     );
 }
