@@ -91,6 +91,16 @@ impl Vm<'_> {
             // The kernel's console goes to the log: the only trace of a
             // guest that does not get as far as the command.
             .arg("--verbose")
+            // A CPU stuck in the kernel then shows every CPU's stack, not
+            // only its own: the one it waits on is the one that says why.
+            .args(["--append", "softlockup_all_cpu_backtrace=1"])
+            // One host thread runs every vCPU in turn. With a thread per
+            // vCPU (QEMU's default under TCG), a uprobe written into code
+            // another vCPU runs could wedge that vCPU: the writer then
+            // waited forever for its TLB-flush IPI (a soft lockup in
+            // flush_tlb_mm_range from uprobe_write_opcode) or the whole
+            // guest stopped, in about half the runs of the Python suite.
+            .arg("--qemu-opts=-accel tcg,thread=single")
             .arg(format!("--rwdir={}", results.display()));
         for dir in &self.overlays {
             vng.arg(format!("--overlay-rwdir={}", dir.display()));
