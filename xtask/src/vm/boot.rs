@@ -26,7 +26,7 @@ use super::{kernels::Kernel, tools};
 /// How one VM is set up.
 pub struct Vm<'a> {
     pub kernel: &'a Kernel,
-    /// Guest CPUs (QEMU runs one host thread per CPU under TCG).
+    /// Guest CPUs (all run in turn by one QEMU thread: see `run`).
     pub cpus: u32,
     /// Guest memory, as QEMU takes it (`4G`).
     pub memory: String,
