@@ -130,6 +130,7 @@ fn span_event(fn_id: u32, tid: u32, depth: u32, ids: (u64, u64, u64), time: u64)
         trace_key,
         ret: 0,
         entry_ip: 0,
+        object: 0,
     }
 }
 

@@ -120,6 +120,17 @@ pub mod span_flags {
     pub const HTTP_SERVER: u32 = 16;
     /// An HTTP request written to a socket (a `CLIENT` span).
     pub const HTTP_CLIENT: u32 = 32;
+    /// A Python generator or coroutine left its frame suspended (it yielded
+    /// or awaited): a later resume of the same frame goes on with the call.
+    pub const PYTHON_SUSPENDED: u32 = 64;
+    /// The call of a generator or coroutine function that only made the
+    /// generator (3.11+: its code starts with `RETURN_GENERATOR`); the call
+    /// itself is its resumes.
+    pub const PYTHON_CREATION: u32 = 128;
+    /// A Python generator's or coroutine's first resume (its frame was new):
+    /// never a later resume of another generator that lay at the same
+    /// address and was freed unfinished.
+    pub const PYTHON_FIRST_RESUME: u32 = 256;
 }
 
 /// The most a call counts for in [`FunctionState::total_ns`]: 1 ms.
@@ -230,6 +241,8 @@ pub struct SpanEvent {
     pub ret: u64,
     /// The frame's [`Frame::entry_ip`]: for a Python call, its code object.
     pub entry_ip: u64,
+    /// The frame's [`Frame::object`].
+    pub object: u64,
 }
 
 /// Bytes of a Python source file's path a [`PythonCodeEvent`] carries (and
@@ -323,6 +336,17 @@ pub struct PythonOffsets {
     /// Of `curexc_type` before 3.12 (the value may be unset, or not yet an
     /// exception object); 0 from 3.12.
     pub thread_exception_type: u32,
+    /// Of `co_flags` in a code object.
+    pub code_flags: u32,
+    /// Of the frame's `owner` (3.11+: a generator's frame is owned by the
+    /// generator); 0 when frames have none (3.10).
+    pub frame_owner: u32,
+    /// Of a generator's state (negative while suspended), from its frame:
+    /// `PyFrameObject.f_state` (3.10), or the generator's `gi_frame_state`
+    /// just before its embedded frame (3.11+, then negative).
+    pub frame_state: i32,
+    /// That state's value before the first resume (`FRAME_CREATED`).
+    pub state_created: i32,
 }
 
 /// The `fn_id` of a span that is not a function call (an HTTP span).
@@ -589,6 +613,10 @@ pub struct Frame {
     pub trace_key: u64,
     /// `rip` at the entry probe, to locate call sites within the function.
     pub entry_ip: u64,
+    /// For a Python call, the interpreter frame it runs (`rsi` at the eval
+    /// function's entry): a generator's or coroutine's is the same at each
+    /// resume. 0 otherwise.
+    pub object: u64,
 }
 
 /// A thread's shadow stack (the `THREADS` map's value). The agent reads it at

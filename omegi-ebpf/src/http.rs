@@ -622,6 +622,7 @@ fn emit_server(
         trace_key: span_id,
         ret: u64::from(fd),
         entry_ip: 0,
+        object: 0,
     });
 }
 
@@ -643,6 +644,7 @@ fn emit_client(call: &ClientCall, tgid: u32, now: u64, reason: u32, fd: u32) {
         trace_key: call.trace_key,
         ret: u64::from(fd),
         entry_ip: 0,
+        object: 0,
     });
 }
 

@@ -21,7 +21,7 @@ use aya_ebpf::{
     Global,
 };
 use omegi_common::{
-    counter, end_reason, event_kind, PythonCodeEvent, PythonCodeKey, PythonCodeVerdict,
+    counter, end_reason, event_kind, span_flags, PythonCodeEvent, PythonCodeKey, PythonCodeVerdict,
     PythonExceptionEvent, PythonOffsets, PYTHON_NAME_MAX, PYTHON_PATH_MAX,
 };
 
@@ -37,6 +37,10 @@ static PYTHON_OFFSETS: Global<PythonOffsets> = Global::new(PythonOffsets {
     root_len: 0,
     thread_exception: 0,
     thread_exception_type: 0,
+    code_flags: 0,
+    frame_owner: 0,
+    frame_state: 0,
+    state_created: 0,
 });
 
 /// The project root with a trailing `/` (set by the agent).
@@ -75,6 +79,16 @@ pub fn on_entry(ctx: &ProbeContext, fn_id: u32) {
     stack::on_entry(ctx, fn_id, 0, regs.rsp, code);
     if let Some(stack) = stack::thread_stack(tid) {
         stack.python_thread = regs.rdi;
+        let depth = stack.depth as usize;
+        if depth > 0 {
+            let top = &mut stack.frames[stack::slot(depth - 1)];
+            if top.sp == regs.rsp {
+                top.object = regs.rsi;
+                if first_resume(code, regs.rsi, &offsets) {
+                    top.flags |= span_flags::PYTHON_FIRST_RESUME;
+                }
+            }
+        }
     }
 }
 
@@ -89,9 +103,13 @@ pub fn on_exit(regs: &pt_regs) {
     };
     let depth = stack.depth as usize;
     if depth > 0 {
-        let top = stack.frames[stack::slot(depth - 1)];
+        let top = &mut stack.frames[stack::slot(depth - 1)];
         if top.sp == regs.rsp {
             let left = depth as u32; // 1 + the call's depth
+            if regs.rax != 0 {
+                top.flags |= resumable_exit(top.entry_ip, top.object);
+            }
+            let top = *top;
             if regs.rax == 0 {
                 if stack.python_raised != left + 1 {
                     emit_exception(stack.tgid, tid, top.span_id, stack.python_thread);
@@ -103,6 +121,48 @@ pub fn on_exit(regs: &pt_regs) {
         }
     }
     stack::on_exit(regs.rsp, end_reason::RETURNED, regs.rax, false);
+}
+
+/// `CO_GENERATOR | CO_COROUTINE | CO_ASYNC_GENERATOR`: code whose calls
+/// make a generator, which then runs in resumes.
+const CO_RESUMABLE: u32 = 0x20 | 0x80 | 0x200;
+
+/// The 3.11+ `FRAME_OWNED_BY_GENERATOR`.
+const OWNED_BY_GENERATOR: u8 = 1;
+
+/// How a call of `code` running `frame` left it with a value: as a
+/// generator's suspension ([`span_flags::PYTHON_SUSPENDED`]), as the call
+/// that made the generator ([`span_flags::PYTHON_CREATION`]), or neither
+/// (0).
+#[inline(always)]
+fn resumable_exit(code: u64, frame: u64) -> u32 {
+    let offsets = PYTHON_OFFSETS.load();
+    if read_u32(code + u64::from(offsets.code_flags)) & CO_RESUMABLE == 0 {
+        return 0;
+    }
+    if offsets.frame_owner != 0 && read_u8(frame + u64::from(offsets.frame_owner)) != OWNED_BY_GENERATOR {
+        return span_flags::PYTHON_CREATION;
+    }
+    let state = read_u8(frame.wrapping_add(offsets.frame_state as i64 as u64)) as i8;
+    if state < 0 {
+        span_flags::PYTHON_SUSPENDED
+    } else {
+        0
+    }
+}
+
+/// Whether a call of `code` is a generator's first resume: its frame not
+/// yet run.
+#[inline(always)]
+fn first_resume(code: u64, frame: u64, offsets: &PythonOffsets) -> bool {
+    if read_u32(code + u64::from(offsets.code_flags)) & CO_RESUMABLE == 0 {
+        return false;
+    }
+    if offsets.frame_owner != 0 && read_u8(frame + u64::from(offsets.frame_owner)) != OWNED_BY_GENERATOR {
+        return false;
+    }
+    let state = read_u8(frame.wrapping_add(offsets.frame_state as i64 as u64)) as i8;
+    i32::from(state) == offsets.state_created
 }
 
 /// The thread's pending exception: its type's name and its message.
@@ -262,6 +322,15 @@ fn read_u64(address: u64) -> u64 {
     let mut value = 0u64;
     unsafe {
         generated::bpf_probe_read_user((&mut value as *mut u64).cast(), 8, address as *const _)
+    };
+    value
+}
+
+#[inline(always)]
+fn read_u8(address: u64) -> u8 {
+    let mut value = 0u8;
+    unsafe {
+        generated::bpf_probe_read_user((&mut value as *mut u8).cast(), 1, address as *const _)
     };
     value
 }

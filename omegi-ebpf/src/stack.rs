@@ -92,6 +92,7 @@ pub fn push<C: EbpfContext>(
         parent_span_id,
         trace_key,
         entry_ip: ip,
+        object: 0,
     };
     stack.depth = depth as u32 + 1;
 }
@@ -295,6 +296,7 @@ fn emit_span(frame: &Frame, depth: u32, end_ns: u64, reason: u32, tgid: u32, tid
         trace_key: frame.trace_key,
         ret,
         entry_ip: frame.entry_ip,
+        object: frame.object,
     });
     // The agent drains on a timer: a wakeup per event would cost more than
     // the probe.

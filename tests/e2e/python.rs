@@ -132,10 +132,12 @@ fn agent(extra: &[&str], spans_file: &Path) -> Command {
 }
 
 /// `work()`'s calls, as each version names them (3.10's code objects have
-/// no qualified name: a method is named without its class). A generator's
-/// creation is a call of its own from 3.11 (its code starts by making the
-/// generator), then each resume is one. `init`: whether `Cart.__init__` is
-/// seen (see the 3.13 case below).
+/// no qualified name: a method is named without its class). A generator
+/// (`prices`, resumed by `list`; again, left after one `next` and closed)
+/// and each coroutine (`place` awaiting
+/// `reserve` twice, each suspending on the way) is one call, however many
+/// resumes it took. `init`: whether `Cart.__init__` is seen (see the 3.13
+/// case below).
 fn work_shape(minor: u8, init: bool) -> String {
     let method = |name: &str| {
         if minor == 10 {
@@ -144,15 +146,14 @@ fn work_shape(minor: u8, init: bool) -> String {
             format!("shop.cart.Cart.{name}")
         }
     };
-    let resumes = if minor == 10 { 3 } else { 4 };
-    let prices = vec!["shop.cart.prices"; resumes].join(" ");
     let init = if init {
         format!("{} ", method("__init__"))
     } else {
         String::new()
     };
     format!(
-        "main.work({init}{add} {add} shop.cart.by_price shop.cart.by_price {prices} {total} \
+        "main.work({init}{add} {add} shop.cart.by_price shop.cart.by_price shop.cart.prices \
+         shop.cart.prices {ORDERS} {total} \
          shop.cart.fib(shop.cart.fib(shop.cart.fib shop.cart.fib) shop.cart.fib) \
          shop.payments.checkout({total} shop.payments.charge))",
         add = method("add"),
@@ -161,8 +162,15 @@ fn work_shape(minor: u8, init: bool) -> String {
 }
 
 /// The imports the module runs before `work()`.
-const IMPORTS: &str = "shop.<module> shop.cart.<module>(shop.cart.Cart) \
+const IMPORTS: &str = "shop.<module> shop.cart.<module>(shop.cart.Cart) shop.orders.<module> \
     shop.payments.<module>(shop.errors.<module>(shop.errors.PaymentDeclined))";
+
+/// `work()`'s orders: `place` awaiting `reserve` twice.
+const ORDERS: &str = "shop.orders.place(shop.orders.reserve shop.orders.reserve)";
+
+/// The module's last call, `place([5])` under an event loop that no traced
+/// call runs.
+const LAST_ORDER: &str = "shop.orders.place(shop.orders.reserve)";
 
 /// Each `work()` trace has one error: the payment declined in `charge`,
 /// caught by `checkout`.
@@ -244,10 +252,15 @@ fn every_call_traced_on_every_version_and_build() {
         let again = work_shape(python.minor, python.minor != 13);
         let mut expected = if python.minor == 10 {
             // Started by the agent: the module's own call is seen too.
-            vec![format!("main.<module>({IMPORTS} {work})"), again]
+            vec![
+                format!("main.<module>({IMPORTS} {work} {LAST_ORDER})"),
+                again,
+            ]
         } else {
-            // Attached while the module waited: its call began before.
-            vec![work.clone(), again]
+            // Attached while the module waited: its call began before, and
+            // each step of the last order's task began a trace of its own
+            // (they are one call, in the first step's trace).
+            vec![work.clone(), again, LAST_ORDER.to_owned()]
         };
         expected.sort();
         assert_eq!(shapes, expected, "{label}");
@@ -357,7 +370,8 @@ fn trace_running(
 /// With no eval hook, 3.12 runs Python-to-Python calls inside the caller's
 /// eval loop: only calls made from C are seen (the module's, imports, a
 /// class body, `__init__` from the type's call, `sorted`'s key function,
-/// `list` resuming a generator), under the nearest traced caller, and the
+/// `list` resuming a generator, an event loop's steps of a coroutine but
+/// not the coroutine it awaits), under the nearest traced caller, and the
 /// agent says so in one line.
 #[test]
 fn without_the_eval_hook_calls_made_from_c_are_traced() {
@@ -386,7 +400,7 @@ fn without_the_eval_hook_calls_made_from_c_are_traced() {
         main.shape(),
         format!(
             "main.<module>({IMPORTS} shop.cart.Cart.__init__ shop.cart.by_price \
-             shop.cart.by_price shop.cart.prices shop.cart.prices shop.cart.prices)"
+             shop.cart.by_price shop.cart.prices shop.cart.prices shop.orders.place shop.orders.place)"
         )
     );
 }
@@ -487,7 +501,7 @@ fn unsupported_versions_are_refused_and_an_empty_root_is_said() {
     assert!(status.success(), "{stderr}");
     assert!(stdout.contains(" is Python 3.10 ("), "{stdout}");
     assert!(
-        stdout.contains("5 Python files under the project root"),
+        stdout.contains("6 Python files under the project root"),
         "{stdout}"
     );
     assert!(stdout.contains("shop/payments.py"), "{stdout}");
@@ -659,9 +673,11 @@ fn include_and_exclude_apply_to_python_names() {
     thread.check_well_formed();
     assert_eq!(
         thread.shape(),
-        "main.work(shop.cart.__init__ shop.cart.add shop.cart.add shop.cart.by_price \
-         shop.cart.by_price shop.cart.prices shop.cart.prices shop.cart.prices shop.cart.total \
-         shop.cart.total shop.payments.charge)"
+        format!(
+            "main.work(shop.cart.__init__ shop.cart.add shop.cart.add shop.cart.by_price \
+             shop.cart.by_price shop.cart.prices shop.cart.prices {ORDERS} shop.cart.total shop.cart.total \
+             shop.payments.charge)"
+        )
     );
 }
 
@@ -695,7 +711,7 @@ fn without_attach_cookies_a_static_interpreter_is_traced_and_a_shared_one_refuse
         main.shape(),
         format!(
             "main.<module>({IMPORTS} shop.cart.Cart.__init__ shop.cart.by_price \
-             shop.cart.by_price shop.cart.prices shop.cart.prices shop.cart.prices)"
+             shop.cart.by_price shop.cart.prices shop.cart.prices {ORDERS} {LAST_ORDER})"
         )
     );
 }

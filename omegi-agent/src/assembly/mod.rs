@@ -84,6 +84,9 @@ pub enum SpanEnd {
     ConnectionClosed,
     /// An HTTP request the server gave up before answering it.
     NotAnswered,
+    /// A Python generator or coroutine still suspended when the call it
+    /// was first resumed in ended, or long after its last resume.
+    Suspended,
 }
 
 impl SpanEnd {
@@ -96,6 +99,7 @@ impl SpanEnd {
             end_reason::THREAD_EXIT => Self::ThreadExit,
             end_reason::CONNECTION_CLOSED => Self::ConnectionClosed,
             end_reason::NOT_ANSWERED => Self::NotAnswered,
+            python::END_SUSPENDED => Self::Suspended,
             _ => Self::Unfinished,
         }
     }
@@ -111,6 +115,7 @@ impl SpanEnd {
             Self::Unfinished => "unfinished",
             Self::ConnectionClosed => "connection_closed",
             Self::NotAnswered => "not_answered",
+            Self::Suspended => "suspended",
         }
     }
 }
@@ -402,8 +407,12 @@ impl Assembler {
     /// Takes one ended call; returns the traces (or pieces) that are ready.
     pub fn on_span(&mut self, event: &SpanEvent) -> Vec<Trace> {
         let mut ready = Vec::new();
-        let is_root = event.flags & span_flags::TRACE_ROOT != 0;
         let fn_id = self.function_of(event.fn_id, event.tgid, event.entry_ip);
+        let Some(event) = self.fold_resume(event, fn_id, &mut ready) else {
+            return ready;
+        };
+        let event = &*event;
+        let is_root = event.flags & span_flags::TRACE_ROOT != 0;
         if let Some(python) = &mut self.python {
             if python.leave_out(fn_id, event, is_root) {
                 return ready;
@@ -483,8 +492,116 @@ impl Assembler {
                 }
             }
         }
+        if is_root {
+            // Generators first resumed in this trace and still suspended
+            // go out in it.
+            let suspended = match &mut self.python {
+                Some(python) => python.resumes.take_in_trace(event.trace_key),
+                None => Vec::new(),
+            };
+            for event in suspended {
+                ready.extend(self.on_span(&event));
+            }
+        }
         ready.extend(self.add(event.trace_key, span, is_root));
         ready
+    }
+
+    /// A generator's or coroutine's resumes are one call (see
+    /// [`python::resumes`]): `None` while it is suspended (or for the call
+    /// that only made it), else the event that stands for the call.
+    fn fold_resume<'a>(
+        &mut self,
+        event: &'a SpanEvent,
+        fn_id: u32,
+        ready: &mut Vec<Trace>,
+    ) -> Option<std::borrow::Cow<'a, SpanEvent>> {
+        use std::borrow::Cow;
+        let Some(python) = &mut self.python else {
+            return Some(Cow::Borrowed(event));
+        };
+        if event.object == 0 {
+            return Some(Cow::Borrowed(event));
+        }
+        match python.resumes.step(event, fn_id) {
+            python::Step::Plain(freed) => {
+                if let Some(freed) = freed {
+                    ready.extend(self.on_span(&freed));
+                }
+                Some(Cow::Borrowed(event))
+            }
+            python::Step::Drop => None,
+            python::Step::Held(mut moves) => {
+                if let Some(freed) = moves.freed.take() {
+                    ready.extend(self.on_span(&freed));
+                }
+                let first = moves.rename.is_none();
+                self.apply_moves(moves);
+                if first && event.flags & span_flags::TRACE_ROOT != 0 {
+                    // Its trace waits for it; later resumes' traces join it.
+                    let trace_id = self.trace_id_for(event.trace_key);
+                    self.pending
+                        .entry(event.trace_key)
+                        .or_insert_with(|| PendingTrace {
+                            trace_id,
+                            spans: Vec::new(),
+                            last_activity: Instant::now(),
+                            error_since: None,
+                        });
+                }
+                None
+            }
+            python::Step::Whole(whole, mut moves) => {
+                if let Some(freed) = moves.freed.take() {
+                    ready.extend(self.on_span(&freed));
+                }
+                self.apply_moves(moves);
+                Some(Cow::Owned(whole))
+            }
+        }
+    }
+
+    /// What a generator's later resume changes: the calls it made hang from
+    /// its first resume, and a trace it began joins the first one's.
+    fn apply_moves(&mut self, moves: python::Moves) {
+        if let Some((trace_key, from, to, since_ns)) = moves.rename {
+            if let Some(pending) = self.pending.get_mut(&trace_key) {
+                // Spans are in the order they ended: the resume's calls are
+                // the last ones, none ended before it began.
+                let since = self.clock.to_unix_ns(since_ns);
+                for span in pending.spans.iter_mut().rev() {
+                    if span.end_unix_ns < since {
+                        break;
+                    }
+                    if span.parent_span_id == from {
+                        span.parent_span_id = to;
+                    }
+                }
+            }
+        }
+        if let Some((joined, into)) = moves.join {
+            let spans = self
+                .pending
+                .remove(&joined)
+                .map(|pending| pending.spans)
+                .unwrap_or_default();
+            self.remote.remove(&joined);
+            if let Some(errors) = self.trace_errors.remove(&joined) {
+                self.trace_errors.entry(into).or_default().extend(errors);
+            }
+            if let Some(python) = &mut self.python {
+                python.join_trace(joined, into);
+            }
+            let trace_id = self.trace_id_for(into);
+            let pending = self.pending.entry(into).or_insert_with(|| PendingTrace {
+                trace_id,
+                spans: Vec::new(),
+                last_activity: Instant::now(),
+                error_since: None,
+            });
+            pending.spans.extend(spans);
+            pending.last_activity = Instant::now();
+        }
     }
 
     /// Takes one event of the error path.
@@ -652,6 +769,13 @@ impl Assembler {
         for tid in settled {
             ready.extend(self.resolve(tid));
         }
+        let stale = match &mut self.python {
+            Some(python) => python.resumes.take_stale(),
+            None => Vec::new(),
+        };
+        for event in stale {
+            ready.extend(self.on_span(&event));
+        }
         let mut pieces = Vec::new();
         for (key, pending) in &mut self.pending {
             let error_waiting = pending
@@ -697,8 +821,16 @@ impl Assembler {
                 parent_span_id: frame.parent_span_id,
                 trace_key: frame.trace_key,
                 entry_ip: frame.entry_ip,
+                object: frame.object,
                 ..SpanEvent::default()
             };
+            traces.extend(self.on_span(&event));
+        }
+        let suspended = match &mut self.python {
+            Some(python) => python.resumes.take_all(u32::MAX, now_ns),
+            None => Vec::new(),
+        };
+        for event in suspended {
             traces.extend(self.on_span(&event));
         }
         let threads: Vec<u32> = self.thread_errors.keys().copied().collect();
@@ -927,6 +1059,7 @@ mod tests {
             parent_span_id: parent,
             trace_key: 1,
             entry_ip: 0,
+            object: 0,
         };
         let traces = a.finish_all(&[(10, 11, frame(1, 0, 10)), (10, 11, frame(2, 1, 20))], 99);
         assert_eq!(traces.len(), 1);

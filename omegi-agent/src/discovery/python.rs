@@ -351,6 +351,16 @@ fn offsets(minor: u8) -> PythonOffsets {
         12 => (96, 0),
         _ => (112, 0),
     };
+    // A generator's state: 3.10 keeps it in its frame object; 3.11+ in
+    // the generator, whose frame is embedded in it, five bytes after the
+    // state (`gi_frame_state` at 75 and `gi_iframe` at 80 in 3.11, 67 and
+    // 72 in 3.12 and 3.13); the frame's `owner` says whether it is one.
+    let (code_flags, frame_owner, frame_state, state_created) = match minor {
+        10 => (36, 0, 108, -2),
+        11 => (48, 69, -5, -2),
+        12 => (48, 70, -5, -2),
+        _ => (48, 70, -5, -3),
+    };
     PythonOffsets {
         frame_code,
         code_filename,
@@ -360,6 +370,10 @@ fn offsets(minor: u8) -> PythonOffsets {
         root_len: 0,
         thread_exception,
         thread_exception_type,
+        code_flags,
+        frame_owner,
+        frame_state,
+        state_created,
     }
 }
 

@@ -17,9 +17,15 @@ use crate::discovery::{
 };
 
 mod objects;
+pub mod resumes;
+
+pub use resumes::{Moves, Step, END_SUSPENDED};
 
 /// The type name of a Python exception whose type could not be read.
 pub const EXCEPTION: &str = "Python exception";
+
+/// The exception `close()` raises in a suspended generator.
+const GENERATOR_EXIT: &str = "GeneratorExit";
 
 /// A Python exception leaving traced calls on one thread.
 #[derive(Debug)]
@@ -68,6 +74,8 @@ pub struct PythonCalls {
     /// By trace: the span ids of calls left out → their parents, for the
     /// calls under them (which ended first) to hang from the parent.
     skipped: HashMap<u64, HashMap<u64, u64>>,
+    /// Generators and coroutines between their resumes.
+    pub resumes: resumes::Resumes,
 }
 
 impl PythonCalls {
@@ -89,6 +97,7 @@ impl PythonCalls {
             read: HashMap::new(),
             left_out: std::collections::HashSet::new(),
             skipped: HashMap::new(),
+            resumes: resumes::Resumes::default(),
         })
     }
 
@@ -153,6 +162,19 @@ impl PythonCalls {
             .or_default()
             .insert(event.span_id, event.parent_span_id);
         true
+    }
+
+    /// Trace `joined` became part of trace `into` (a generator's resume
+    /// began it).
+    pub fn join_trace(&mut self, joined: u64, into: u64) {
+        if let Some(skipped) = self.skipped.remove(&joined) {
+            self.skipped.entry(into).or_default().extend(skipped);
+        }
+        for raised in self.raised.values_mut() {
+            if raised.trace_key == joined {
+                raised.trace_key = into;
+            }
+        }
     }
 
     /// Hangs the calls of trace `trace_key` whose parent was left out from
@@ -234,6 +256,18 @@ impl PythonCalls {
             return Return::Plain;
         }
         let tid = event.tid;
+        if event.ret == 0 && !self.raised.contains_key(&tid) {
+            // `close()` of a suspended generator: it is told to end by an
+            // exception, which the interpreter takes back.
+            if self
+                .read
+                .get(&tid)
+                .is_some_and(|(type_name, _)| type_name == GENERATOR_EXIT)
+            {
+                self.read.remove(&tid);
+                return Return::Plain;
+            }
+        }
         if event.ret == 0 {
             let read = &mut self.read;
             let raised = self.raised.entry(tid).or_insert_with(|| {
