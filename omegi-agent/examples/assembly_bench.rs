@@ -122,7 +122,7 @@ fn span_event(fn_id: u32, tid: u32, depth: u32, ids: (u64, u64, u64), time: u64)
             0
         },
         depth,
-        _pad: 0,
+        code_unit: 0,
         start_ns: time,
         end_ns: time + 500 + u64::from(8 - depth) * 100,
         span_id,

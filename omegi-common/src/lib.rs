@@ -225,7 +225,9 @@ pub struct SpanEvent {
     pub flags: u32,
     /// Nesting depth on the thread's shadow stack, 0 for an outermost call.
     pub depth: u32,
-    pub _pad: u32,
+    /// For a Python call an exception left: 1 + the code unit its frame
+    /// was at (where the exception passed); 0 otherwise.
+    pub code_unit: u32,
     /// Start, kernel monotonic clock (ns).
     pub start_ns: u64,
     /// End, kernel monotonic clock (ns).
@@ -347,6 +349,12 @@ pub struct PythonOffsets {
     pub frame_state: i32,
     /// That state's value before the first resume (`FRAME_CREATED`).
     pub state_created: i32,
+    /// Of the frame's instruction: `f_lasti` (3.10, a code unit index), or
+    /// a pointer to the code unit (`prev_instr`, `instr_ptr`; 3.11+).
+    pub frame_instr: u32,
+    /// Of the code units in a code object (`co_code_adaptive`, 3.11+); 0
+    /// when the frame holds an index.
+    pub code_units: u32,
 }
 
 /// The `fn_id` of a span that is not a function call (an HTTP span).
@@ -644,7 +652,9 @@ pub struct ThreadStack {
     /// while it is leaving calls (one after another, inner to outer); 0
     /// otherwise. A NULL return not just above it is a new exception.
     pub python_raised: u32,
-    pub _pad: u32,
+    /// The [`SpanEvent::code_unit`] of the call being left, between the
+    /// Python exit probe and its span.
+    pub python_code_unit: u32,
     pub frames: [Frame; MAX_DEPTH],
 }
 

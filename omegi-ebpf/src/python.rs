@@ -41,6 +41,8 @@ static PYTHON_OFFSETS: Global<PythonOffsets> = Global::new(PythonOffsets {
     frame_owner: 0,
     frame_state: 0,
     state_created: 0,
+    frame_instr: 0,
+    code_units: 0,
 });
 
 /// The project root with a trailing `/` (set by the agent).
@@ -111,6 +113,7 @@ pub fn on_exit(regs: &pt_regs) {
             }
             let top = *top;
             if regs.rax == 0 {
+                stack.python_code_unit = code_unit(top.entry_ip, top.object);
                 if stack.python_raised != left + 1 {
                     emit_exception(stack.tgid, tid, top.span_id, stack.python_thread);
                 }
@@ -149,6 +152,29 @@ fn resumable_exit(code: u64, frame: u64) -> u32 {
     } else {
         0
     }
+}
+
+/// 1 + the code unit of `code` that `frame` is at (0 when not known), for
+/// the line an exception passed.
+#[inline(always)]
+fn code_unit(code: u64, frame: u64) -> u32 {
+    let offsets = PYTHON_OFFSETS.load();
+    let at = frame + u64::from(offsets.frame_instr);
+    let unit = if offsets.code_units == 0 {
+        u64::from(read_u32(at))
+    } else {
+        let instruction = read_u64(at);
+        let first = code + u64::from(offsets.code_units);
+        if instruction < first {
+            return 0;
+        }
+        (instruction - first) / 2
+    };
+    // A code object of a billion units is no real one.
+    if unit >= u64::from(u32::MAX >> 2) {
+        return 0;
+    }
+    unit as u32 + 1
 }
 
 /// Whether a call of `code` is a generator's first resume: its frame not

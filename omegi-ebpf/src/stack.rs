@@ -225,6 +225,8 @@ fn end_call(
     ret: u64,
 ) {
     let duration = now.wrapping_sub(frame.start_ns);
+    // Set by the Python exit probe for the call it is ending, and only it.
+    let code_unit = core::mem::take(&mut stack.python_code_unit);
     let function = FUNCTIONS.get_ptr_mut(frame.fn_id);
     if let Some(function) = function {
         // Plain adds, not atomic ones: two CPUs ending calls of the same
@@ -271,11 +273,21 @@ fn end_call(
             stack.frames[slot(index - 1)].flags |= span_flags::KEEP;
         }
     }
-    emit_span(frame, index as u32, now, reason, stack.tgid, tid, ret);
+    emit_span(frame, index as u32, now, reason, stack.tgid, tid, ret, code_unit);
 }
 
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn emit_span(frame: &Frame, depth: u32, end_ns: u64, reason: u32, tgid: u32, tid: u32, ret: u64) {
+fn emit_span(
+    frame: &Frame,
+    depth: u32,
+    end_ns: u64,
+    reason: u32,
+    tgid: u32,
+    tid: u32,
+    ret: u64,
+    code_unit: u32,
+) {
     let Some(mut entry) = EVENTS.reserve::<SpanEvent>(0) else {
         count(counter::RING_FULL);
         return;
@@ -288,7 +300,7 @@ fn emit_span(frame: &Frame, depth: u32, end_ns: u64, reason: u32, tgid: u32, tid
         fn_id: frame.fn_id,
         flags: frame.flags,
         depth,
-        _pad: 0,
+        code_unit,
         start_ns: frame.start_ns,
         end_ns,
         span_id: frame.span_id,
@@ -343,6 +355,7 @@ pub fn new_thread_stack(tgid: u32, tid: u32) -> Option<&'static mut ThreadStack>
             slot.next_id = random_id();
             slot.request = Default::default();
             slot.python_raised = 0;
+            slot.python_code_unit = 0;
             // Last: from here on lookups find the slot.
             slot.owner = tid;
             return Some(slot);

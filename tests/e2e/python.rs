@@ -119,7 +119,8 @@ fn interpreters() -> Vec<Interpreter> {
     found
 }
 
-/// `omegi-agent --project-root APP --format json --output FILE [extra]`.
+/// `omegi-agent --project-root APP --format json --output FILE
+/// --split-after 0 [extra]`.
 fn agent(extra: &[&str], spans_file: &Path) -> Command {
     let mut command = Command::new(agent_bin());
     command
@@ -127,6 +128,10 @@ fn agent(extra: &[&str], spans_file: &Path) -> Command {
         .arg(app())
         .args(["--format", "json", "--output"])
         .arg(spans_file)
+        // One trace per outermost call, however slow the machine: under
+        // emulation the module's imports alone take longer than the
+        // default split (its own tests are elsewhere).
+        .args(["--split-after", "0"])
         .args(extra);
     command
 }
@@ -193,6 +198,16 @@ fn check_caught_payment(spans: &[SpanRecord], label: &str) {
         "caught in shop.payments.checkout".to_owned(),
     );
     assert_eq!(errors, vec![caught.clone(), caught], "{label}");
+    // In Python's traceback format, with the line of the `raise`.
+    let payments = app().join("shop/payments.py");
+    let stacktrace = format!(
+        "Traceback (most recent call last):\n  File \"{}\", line 6, in charge\n    \
+         raise PaymentDeclined(\"card declined\")\nshop.errors.PaymentDeclined: card declined",
+        payments.display()
+    );
+    for (_, event) in spans::exceptions(spans) {
+        assert_eq!(event.text("exception.stacktrace"), stacktrace, "{label}");
+    }
     let charges: Vec<&SpanRecord> = spans
         .iter()
         .filter(|span| span.name == "shop.payments.charge")
@@ -436,6 +451,17 @@ fn an_uncaught_exception_is_an_error_trace_and_ends_the_program_as_untraced() {
         flows,
         vec![vec!["main.crash".to_owned(), "main.<module>".to_owned()]]
     );
+    // Its stack trace is the one Python printed: each file, the line it was
+    // at and that line's text, most recent call last.
+    let stacktrace = spans::exceptions(&spans)
+        .into_iter()
+        .map(|(_, event)| event.text("exception.stacktrace"))
+        .find(|text| text.ends_with("ValueError: nobody catches this"))
+        .expect("the crash's stack trace");
+    assert_eq!(
+        format!("{stacktrace}\n"),
+        String::from_utf8_lossy(&plain.stderr)
+    );
 }
 
 /// Interpreters omegi does not trace are refused in one line naming the
@@ -609,6 +635,25 @@ fn a_flask_service_under_gunicorn_sends_its_error_trace_to_kafka() {
             "step.2": "orders.pricing.price",
             "step.3": "orders.app.order"
         })
+    );
+    // As the seed sent it (OpenTelemetry's Python SDK): Python's traceback.
+    let app_file = service.join("orders/app.py");
+    let pricing = service.join("orders/pricing.py");
+    assert_eq!(
+        error["exception.stacktrace"],
+        format!(
+            "Traceback (most recent call last):\n  \
+             File \"{app}\", line 14, in order\n    \
+             return {{\"item\": item, \"total\": price(item, 1)}}\n  \
+             File \"{pricing}\", line 15, in price\n    \
+             return reserve(item, count) * 2\n  \
+             File \"{pricing}\", line 10, in reserve\n    \
+             raise OutOfStock(f\"no {{item}} left\")\n\
+             orders.pricing.OutOfStock: no pear left",
+            app = app_file.display(),
+            pricing = pricing.display(),
+        ),
+        "{message}"
     );
     let names: Vec<&str> = message["spans"]
         .as_array()

@@ -36,6 +36,9 @@ pub struct StackFrame {
     /// call towards the error (0 = unknown); see
     /// [`FunctionTable::call_site`](crate::discovery::FunctionTable::call_site).
     pub call_offset: u32,
+    /// The source line it was at, when known without `call_offset` (a
+    /// Python call: from its code's line table).
+    pub line: Option<u32>,
 }
 
 /// A call the error left without returning.
@@ -319,6 +322,7 @@ pub fn return_value_error(
             fn_id,
             span_id,
             call_offset: 0,
+            line: None,
         }],
         outcome: Outcome::Returned,
     }
@@ -380,6 +384,7 @@ fn stack_of(event: &ErrorEvent) -> Vec<StackFrame> {
             fn_id: event.frames[index].fn_id,
             span_id: event.frames[index].span_id,
             call_offset: event.call_offset(index),
+            line: None,
         })
         .collect()
 }

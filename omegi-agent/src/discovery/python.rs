@@ -361,6 +361,14 @@ fn offsets(minor: u8) -> PythonOffsets {
         12 => (48, 70, -5, -2),
         _ => (48, 70, -5, -3),
     };
+    // Where a frame is in its code: 3.10's `f_lasti`, an index; 3.11+'s
+    // `prev_instr` (`instr_ptr` in 3.13) into `co_code_adaptive`.
+    let (frame_instr, code_units) = match minor {
+        10 => (96, 0),
+        11 => (56, 184),
+        12 => (56, 192),
+        _ => (56, 200),
+    };
     PythonOffsets {
         frame_code,
         code_filename,
@@ -374,6 +382,8 @@ fn offsets(minor: u8) -> PythonOffsets {
         frame_owner,
         frame_state,
         state_created,
+        frame_instr,
+        code_units,
     }
 }
 

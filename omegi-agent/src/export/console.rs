@@ -207,7 +207,13 @@ fn render_error(out: &mut String, error: &ErrorInfo, context: &ExportContext, co
     ));
     out.push_str(&format!("    {}\n", errors::outcome(error, functions)));
     for line in errors::stacktrace(error, functions).lines() {
-        let line = match line.rsplit_once(" (") {
+        // `at name (file:line)` lines show the file under the root; a
+        // Python traceback is shown as Python prints it.
+        let location = line
+            .starts_with("at ")
+            .then(|| line.rsplit_once(" ("))
+            .flatten();
+        let line = match location {
             Some((call, location)) => {
                 let location = location.trim_end_matches(')');
                 let path = std::path::Path::new(location);

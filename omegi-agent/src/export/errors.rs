@@ -3,7 +3,7 @@
 //! Kafka and OTLP forms say the same thing.
 
 use crate::{
-    assembly::{ErrorInfo, Outcome},
+    assembly::{ErrorInfo, ErrorKind, Outcome},
     discovery::FunctionTable,
 };
 
@@ -33,8 +33,12 @@ pub fn outcome(info: &ErrorInfo, functions: &FunctionTable) -> String {
 
 /// `exception.stacktrace`: the traced calls in flight when the error
 /// happened, innermost first, each with the source line of the call it was
-/// making (or its own first line when that is not known).
+/// making (or its own first line when that is not known); for a Python
+/// exception, Python's own traceback ([`python_traceback`]).
 pub fn stacktrace(info: &ErrorInfo, functions: &FunctionTable) -> String {
+    if let Some(traceback) = python_traceback(info, functions) {
+        return traceback;
+    }
     let mut out = String::new();
     for frame in &info.stack {
         let location = functions
@@ -51,6 +55,60 @@ pub fn stacktrace(info: &ErrorInfo, functions: &FunctionTable) -> String {
         out.push_str(&format!("at {}{location}\n", name(functions, frame.fn_id)));
     }
     out
+}
+
+/// A Python exception's path in the traceback format Python prints (and
+/// OpenTelemetry's Python SDK sends as `exception.stacktrace`): the calls
+/// it left, most recent last, each with the line it was at and that line's
+/// text when the file can be read here, then `Type: message`. `None` for an
+/// error that is not a Python exception.
+pub fn python_traceback(info: &ErrorInfo, functions: &FunctionTable) -> Option<String> {
+    if info.kind != ErrorKind::Exception || info.stack.is_empty() {
+        return None;
+    }
+    let frames: Option<Vec<_>> = info
+        .stack
+        .iter()
+        .map(|frame| {
+            let function = functions.get(frame.fn_id)?;
+            function.python_module.as_ref()?;
+            Some((function, frame.line.or(function.line)))
+        })
+        .collect();
+    let mut out = String::from("Traceback (most recent call last):\n");
+    for (function, line) in frames?.into_iter().rev() {
+        let file = function
+            .file
+            .as_ref()
+            .map_or_else(|| "<unknown>".into(), |file| file.display().to_string());
+        // Python names the code (`co_name`), not its qualified name.
+        let name = function.symbol.rsplit('.').next().unwrap_or_default();
+        match line {
+            Some(line) => {
+                out.push_str(&format!("  File \"{file}\", line {line}, in {name}\n"));
+                if let Some(text) = function
+                    .file
+                    .as_deref()
+                    .and_then(|file| source_line(file, line))
+                {
+                    out.push_str(&format!("    {text}\n"));
+                }
+            }
+            None => out.push_str(&format!("  File \"{file}\", in {name}\n")),
+        }
+    }
+    out.push_str(&info.description());
+    Some(out)
+}
+
+/// Line `line` (from 1) of a source file, trimmed; `None` when it cannot
+/// be read here (a file in a container, gone since) or is blank.
+fn source_line(file: &std::path::Path, line: u32) -> Option<String> {
+    use std::io::BufRead;
+    let reader = std::io::BufReader::new(std::fs::File::open(file).ok()?);
+    let text = reader.lines().nth(line.checked_sub(1)? as usize)?.ok()?;
+    let text = text.trim();
+    (!text.is_empty()).then(|| text.to_owned())
 }
 
 fn name(functions: &FunctionTable, fn_id: u32) -> String {

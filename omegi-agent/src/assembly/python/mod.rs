@@ -16,6 +16,7 @@ use crate::discovery::{
     Function, FunctionTable,
 };
 
+mod lines;
 mod objects;
 pub mod resumes;
 
@@ -76,6 +77,9 @@ pub struct PythonCalls {
     skipped: HashMap<u64, HashMap<u64, u64>>,
     /// Generators and coroutines between their resumes.
     pub resumes: resumes::Resumes,
+    /// The line tables of the functions' code, for the lines exceptions
+    /// passed.
+    lines: HashMap<u32, lines::LineTable>,
 }
 
 impl PythonCalls {
@@ -98,6 +102,7 @@ impl PythonCalls {
             left_out: std::collections::HashSet::new(),
             skipped: HashMap::new(),
             resumes: resumes::Resumes::default(),
+            lines: HashMap::new(),
         })
     }
 
@@ -129,6 +134,12 @@ impl PythonCalls {
                     .is_none_or(|python| python.filter.keeps(&name));
                 let id = self.table.add_found(function);
                 self.functions.insert(key, id);
+                // Read while the process surely lives: its first call.
+                if let Some(table) = self.python.as_ref().and_then(|python| {
+                    objects::line_table(event.tgid, event.code, event.line, python)
+                }) {
+                    self.lines.insert(id, table);
+                }
                 if !kept {
                     self.left_out.insert(id);
                 }
@@ -301,6 +312,10 @@ impl PythonCalls {
                 fn_id,
                 span_id: event.span_id,
                 call_offset: 0,
+                line: event
+                    .code_unit
+                    .checked_sub(1)
+                    .and_then(|unit| self.lines.get(&fn_id)?.line_at(unit)),
             });
             raised.depth = event.depth;
             if event.depth == 0 {

@@ -7,6 +7,7 @@
 
 use std::{fs::File, os::unix::fs::FileExt};
 
+use super::lines::LineTable;
 use crate::discovery::python::PythonTarget;
 
 /// `PyTypeObject.tp_dict`.
@@ -42,6 +43,44 @@ pub fn type_module(pid: u32, type_object: u64, python: &PythonTarget) -> Option<
             return None;
         }
         memory.ascii(memory.word(entry + table.key_at + 8)?, ascii_data)
+    })
+}
+
+/// `PyBytesObject.ob_size` and `ob_sval`.
+const BYTES_SIZE: u64 = 16;
+const BYTES_DATA: u64 = 32;
+/// A line table of more than this is no real one (a long module's is a
+/// few kilobytes).
+const MAX_LINE_TABLE: u64 = 1 << 20;
+
+/// The line table of code object `code` in process `pid`, whose first line
+/// is `first_line`.
+pub fn line_table(
+    pid: u32,
+    code: u64,
+    first_line: u32,
+    python: &PythonTarget,
+) -> Option<LineTable> {
+    // `co_linetable`.
+    let table_at = if python.minor == 10 { 120 } else { 136 };
+    let memory = Memory(File::open(format!("/proc/{pid}/mem")).ok()?);
+    let bytes = memory.word(code + table_at)?;
+    if bytes == 0 {
+        return None;
+    }
+    let length = memory.word(bytes + BYTES_SIZE)?;
+    if length > MAX_LINE_TABLE {
+        return None;
+    }
+    let mut table = vec![0u8; length as usize];
+    memory
+        .0
+        .read_exact_at(&mut table, bytes + BYTES_DATA)
+        .ok()?;
+    Some(LineTable {
+        first_line,
+        table,
+        locations: python.minor >= 11,
     })
 }
 

@@ -93,7 +93,8 @@ impl TraceError {
 ///   message and `exception.flow` (the calls it left, `step.1` the
 ///   innermost), and `exception.stacktrace` is `Type: message` then the
 ///   traced calls in flight when it happened, innermost first, one
-///   `  at name (file:line)` line each (the line of the call each was making).
+///   `  at name (file:line)` line each (the line of the call each was making);
+///   for a Python exception, Python's traceback text.
 ///   When several errors touched the trace, the one that escaped (ended the
 ///   thread or the process, or was caught outside the traced functions) is
 ///   reported, else the first.
@@ -104,11 +105,15 @@ impl TraceError {
 ///   stack trace is the origin's chain of callers in this trace.
 pub fn trace_error(trace: &Trace, functions: &FunctionTable) -> Option<TraceError> {
     if let Some(error) = reported_error(trace) {
-        let mut stacktrace = error.description();
-        for line in errors::stacktrace(error, functions).lines() {
-            stacktrace.push_str("\n  ");
-            stacktrace.push_str(line);
-        }
+        // A Python exception's is Python's traceback, as the seed sent it.
+        let stacktrace = errors::python_traceback(error, functions).unwrap_or_else(|| {
+            let mut stacktrace = error.description();
+            for line in errors::stacktrace(error, functions).lines() {
+                stacktrace.push_str("\n  ");
+                stacktrace.push_str(line);
+            }
+            stacktrace
+        });
         return Some(TraceError {
             exception_type: error.type_name.clone(),
             message: error.message.clone(),
