@@ -72,6 +72,7 @@ pub fn run() -> bool {
         ring_size: 1 << 16,
         debug_ebpf: false,
         http: true,
+        capture_args: true,
     };
     let table = FunctionTable::from_functions("--check", Vec::new());
     match Probes::load(&options, &table) {

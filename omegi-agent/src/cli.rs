@@ -218,6 +218,21 @@ pub struct Cli {
     )]
     pub python_eval_hook: bool,
 
+    /// Send each traced Python call's arguments, as the seed library did
+    /// (`name: type = value`): the value of an int, float, bool, None or
+    /// str (its first 32 characters), the type's name for anything else;
+    /// the first six parameters. Off by default: values can be personal
+    /// data.
+    #[arg(
+        long,
+        env = "OMEGI_CAPTURE_ARGS",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        default_value_t = false,
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub capture_args: bool,
+
     /// Put each entry probe on the function's first instruction even when it
     /// is an endbr64 (single-stepped) followed by a cheaper one (for
     /// measuring what probe placement buys).

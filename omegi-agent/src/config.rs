@@ -131,6 +131,7 @@ impl Config {
             attach_mode: cli.attach_mode,
             probe_lookup: cli.probe_lookup,
             http: parse_propagation(&cli.propagation)? != Propagation::Off,
+            capture_args: cli.capture_args,
         };
         Ok(Self {
             target,

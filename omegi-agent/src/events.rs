@@ -15,8 +15,8 @@ use std::{
 
 use aya::maps::{MapData, PerCpuArray};
 use omegi_common::{
-    counter, event_kind, ErrorEvent, Frame, HttpEvent, PythonCodeEvent, PythonCodeKey,
-    PythonExceptionEvent, SpanEvent, ThreadExitEvent,
+    counter, event_kind, ErrorEvent, Frame, HttpEvent, PythonArgsEvent, PythonCodeEvent,
+    PythonCodeKey, PythonExceptionEvent, SpanEvent, ThreadExitEvent,
 };
 
 use crate::{
@@ -111,6 +111,7 @@ pub enum Event {
     Http(Box<HttpEvent>),
     PythonCode(Box<PythonCodeEvent>),
     PythonException(Box<PythonExceptionEvent>),
+    PythonArgs(Box<PythonArgsEvent>),
 }
 
 /// Decodes one ring buffer record.
@@ -126,6 +127,9 @@ pub fn decode(record: &[u8]) -> Option<Event> {
         }
         event_kind::PYTHON_EXCEPTION => read::<PythonExceptionEvent>(record)
             .map(|event| Event::PythonException(Box::new(event))),
+        event_kind::PYTHON_ARGS => {
+            read::<PythonArgsEvent>(record).map(|event| Event::PythonArgs(Box::new(event)))
+        }
         _ => None,
     }
 }
@@ -237,6 +241,10 @@ fn drain(
             }
             Some(Event::PythonException(event)) => {
                 assembler.on_python_exception(&event);
+                Vec::new()
+            }
+            Some(Event::PythonArgs(event)) => {
+                assembler.on_python_args(&event);
                 Vec::new()
             }
             None => {

@@ -75,6 +75,66 @@ pub mod event_kind {
     /// A [`PythonExceptionEvent`](super::PythonExceptionEvent): an exception
     /// left a traced Python call (the first it left).
     pub const PYTHON_EXCEPTION: u32 = 6;
+    /// A [`PythonArgsEvent`](super::PythonArgsEvent): a traced Python
+    /// call's arguments (`--capture-args`).
+    pub const PYTHON_ARGS: u32 = 7;
+}
+
+/// What a [`PythonArg`] holds.
+pub mod python_arg {
+    /// `None`.
+    pub const NONE: u32 = 1;
+    /// An `int` that fits in 60 bits: `value` (two's complement).
+    pub const INT: u32 = 2;
+    /// An `int` too large for that.
+    pub const BIG_INT: u32 = 3;
+    /// A `bool`: `value` 0 or 1.
+    pub const BOOL: u32 = 4;
+    /// A `float`: `value` its bits.
+    pub const FLOAT: u32 = 5;
+    /// A `str`: `text` its first characters when ASCII, `length` its
+    /// length.
+    pub const STR: u32 = 6;
+    /// Anything else: `text` its type's name.
+    pub const OTHER: u32 = 7;
+}
+
+/// Arguments a [`PythonArgsEvent`] carries at most (the first ones).
+pub const PYTHON_ARGS_MAX: usize = 6;
+
+/// Bytes of an argument's text.
+pub const PYTHON_ARG_TEXT: usize = 32;
+
+/// One argument of a Python call, read at its entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PythonArg {
+    /// One of [`python_arg`]; 0 when it could not be read.
+    pub kind: u32,
+    /// A `str`'s length in characters.
+    pub length: u32,
+    pub value: u64,
+    /// NUL-terminated.
+    pub text: [u8; PYTHON_ARG_TEXT],
+}
+
+/// The arguments of a traced Python call (span `span_id`), with
+/// `--capture-args`: the first [`PYTHON_ARGS_MAX`] of its positional and
+/// keyword-only parameters, in order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct PythonArgsEvent {
+    /// Always [`event_kind::PYTHON_ARGS`].
+    pub kind: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    /// Arguments read (the call's parameters, at most [`PYTHON_ARGS_MAX`]).
+    pub count: u32,
+    pub span_id: u64,
+    /// The call's code object (its parameters' names are the agent's to
+    /// read).
+    pub code: u64,
+    pub args: [PythonArg; PYTHON_ARGS_MAX],
 }
 
 /// Why a traced call's span ended.
@@ -267,12 +327,25 @@ pub struct PythonCodeEvent {
     pub code: u64,
     /// `co_firstlineno`.
     pub line: u32,
-    pub _pad: u32,
+    /// Bytes of `co_linetable`, whose first [`PYTHON_LINE_TABLE_MAX`] are in
+    /// `line_table`; `u32::MAX` when they could not be read (the agent
+    /// then reads the table itself).
+    pub line_table_len: u32,
     /// `co_filename`, NUL-terminated (ASCII only).
     pub filename: [u8; PYTHON_PATH_MAX],
     /// `co_qualname` (3.11+) or `co_name`, NUL-terminated.
     pub name: [u8; PYTHON_NAME_MAX],
+    /// `co_linetable`'s start (see `line_table_len`), read here because the
+    /// process may be gone before an exception's lines are named.
+    pub line_table: [u8; PYTHON_LINE_TABLE_MAX],
+    /// The names of its first [`PYTHON_ARGS_MAX`] locals (its parameters
+    /// come first), NUL-terminated, with `--capture-args`.
+    pub parameters: [[u8; PYTHON_ARG_TEXT]; PYTHON_ARGS_MAX],
 }
+
+/// Bytes of a code object's line table a [`PythonCodeEvent`] carries (a
+/// function of some forty lines).
+pub const PYTHON_LINE_TABLE_MAX: usize = 256;
 
 /// An exception leaving the traced Python call `span_id` on thread `tid`,
 /// the first traced call it leaves: its type and message as the thread
@@ -355,6 +428,22 @@ pub struct PythonOffsets {
     /// Of the code units in a code object (`co_code_adaptive`, 3.11+); 0
     /// when the frame holds an index.
     pub code_units: u32,
+    /// Of `co_argcount` and `co_kwonlyargcount`.
+    pub code_argcount: u32,
+    pub code_kwonly: u32,
+    /// Of the frame's locals, the arguments first (`f_localsplus`,
+    /// `localsplus`).
+    pub frame_locals: u32,
+    /// 1 when an `int` keeps its digit count in `lv_tag` (3.12+: count << 3,
+    /// sign in the low bits), 0 when in a signed `ob_size`.
+    pub long_tagged: u32,
+    /// 1 with `--capture-args` (set by the agent).
+    pub capture_args: u32,
+    /// Of `co_varnames` (3.10) or `co_localsplusnames`, and of
+    /// `co_linetable`.
+    pub code_varnames: u32,
+    pub code_linetable: u32,
+    pub _pad: u32,
 }
 
 /// The `fn_id` of a span that is not a function call (an HTTP span).
@@ -817,6 +906,9 @@ unsafe impl aya::Pod for PythonCodeEvent {}
 #[cfg(feature = "user")]
 // SAFETY: as above.
 unsafe impl aya::Pod for PythonExceptionEvent {}
+
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for PythonArgsEvent {}
 #[cfg(feature = "user")]
 // SAFETY: as above.
 unsafe impl aya::Pod for PythonCodeKey {}

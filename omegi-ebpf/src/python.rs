@@ -22,7 +22,8 @@ use aya_ebpf::{
 };
 use omegi_common::{
     counter, end_reason, event_kind, span_flags, PythonCodeEvent, PythonCodeKey, PythonCodeVerdict,
-    PythonExceptionEvent, PythonOffsets, PYTHON_NAME_MAX, PYTHON_PATH_MAX,
+    PythonArg, PythonArgsEvent, PythonExceptionEvent, PythonOffsets, python_arg, PYTHON_ARGS_MAX,
+    PYTHON_LINE_TABLE_MAX, PYTHON_NAME_MAX, PYTHON_PATH_MAX,
 };
 
 use crate::{count, stack, EVENTS};
@@ -43,6 +44,14 @@ static PYTHON_OFFSETS: Global<PythonOffsets> = Global::new(PythonOffsets {
     state_created: 0,
     frame_instr: 0,
     code_units: 0,
+    code_argcount: 0,
+    code_kwonly: 0,
+    frame_locals: 0,
+    long_tagged: 0,
+    capture_args: 0,
+    code_varnames: 0,
+    code_linetable: 0,
+    _pad: 0,
 });
 
 /// The project root with a trailing `/` (set by the agent).
@@ -88,6 +97,13 @@ pub fn on_entry(ctx: &ProbeContext, fn_id: u32) {
                 top.object = regs.rsi;
                 if first_resume(code, regs.rsi, &offsets) {
                     top.flags |= span_flags::PYTHON_FIRST_RESUME;
+                }
+                // A generator's arguments are its first resume's.
+                let resumed = read_u32(code + u64::from(offsets.code_flags)) & CO_RESUMABLE != 0
+                    && top.flags & span_flags::PYTHON_FIRST_RESUME == 0;
+                if offsets.capture_args != 0 && !resumed {
+                    let span_id = top.span_id;
+                    emit_args(tgid, tid, span_id, code, regs.rsi, &offsets);
                 }
             }
         }
@@ -151,6 +167,116 @@ fn resumable_exit(code: u64, frame: u64) -> u32 {
         span_flags::PYTHON_SUSPENDED
     } else {
         0
+    }
+}
+
+/// `--capture-args`: the first arguments of a call of `code` in `frame`,
+/// each as a number, the start of a string, or its type's name.
+#[inline(always)]
+fn emit_args(tgid: u32, tid: u32, span_id: u64, code: u64, frame: u64, offsets: &PythonOffsets) {
+    let params = read_u32(code + u64::from(offsets.code_argcount))
+        .saturating_add(read_u32(code + u64::from(offsets.code_kwonly)));
+    if params == 0 {
+        return;
+    }
+    let params = if params as usize > PYTHON_ARGS_MAX {
+        PYTHON_ARGS_MAX as u32
+    } else {
+        params
+    };
+    let Some(mut entry) = EVENTS.reserve::<PythonArgsEvent>(0) else {
+        count(counter::RECORDS_RING_FULL);
+        return;
+    };
+    let event = unsafe { &mut *entry.as_mut_ptr() };
+    event.kind = event_kind::PYTHON_ARGS;
+    event.tgid = tgid;
+    event.tid = tid;
+    event.count = params;
+    event.span_id = span_id;
+    event.code = code;
+    let locals = frame + u64::from(offsets.frame_locals);
+    for index in 0..PYTHON_ARGS_MAX {
+        let arg = &mut event.args[index];
+        arg.kind = 0;
+        arg.length = 0;
+        arg.value = 0;
+        arg.text[0] = 0;
+        if index as u32 >= params {
+            continue;
+        }
+        read_arg(read_u64(locals + 8 * index as u64), arg, offsets);
+    }
+    entry.submit(0);
+}
+
+/// `tp_name`'s first eight bytes, little-endian, for the types told apart.
+const NAME_INT: u64 = 0x0074_6e69; // "int\0"
+const NAME_BOOL: u64 = 0x006c_6f6f_62; // "bool\0"
+const NAME_FLOAT: u64 = 0x0074_616f_6c66; // "float\0"
+const NAME_STR: u64 = 0x0072_7473; // "str\0"
+const NAME_NONE: u64 = 0x6570_7954_656e_6f4e; // "NoneType"
+
+/// `PyLongObject`'s digits: 30 bits each, after the size or tag.
+const LONG_DIGITS: u64 = 24;
+/// `PyFloatObject.ob_fval`; a `str`'s or an `int`'s size.
+const FLOAT_VALUE: u64 = 16;
+const OBJECT_SIZE: u64 = 16;
+
+#[inline(always)]
+fn read_arg(object: u64, arg: &mut PythonArg, offsets: &PythonOffsets) {
+    if object == 0 {
+        return;
+    }
+    let type_object = read_u64(object + 8);
+    let type_name = read_u64(type_object + TP_NAME);
+    let name = read_u64(type_name);
+    // Compared with the NUL that ends each name.
+    if name & 0xffff_ffff == NAME_INT || name & 0xff_ffff_ffff == NAME_BOOL {
+        arg.kind = if name & 0xffff_ffff == NAME_INT {
+            python_arg::INT
+        } else {
+            python_arg::BOOL
+        };
+        let size = read_u64(object + OBJECT_SIZE);
+        // Digits and sign: a signed count, or (3.12+) count << 3 with the
+        // sign in the low bits (0 positive, 1 zero, 2 negative).
+        let (digits, negative) = if offsets.long_tagged != 0 {
+            (size >> 3, size & 3 == 2)
+        } else {
+            let signed = size as i64;
+            (signed.unsigned_abs(), signed < 0)
+        };
+        if digits > 2 {
+            arg.kind = python_arg::BIG_INT;
+            return;
+        }
+        let low = u64::from(read_u32(object + LONG_DIGITS));
+        let high = if digits == 2 {
+            u64::from(read_u32(object + LONG_DIGITS + 4))
+        } else {
+            0
+        };
+        let magnitude = if digits == 0 { 0 } else { low | (high << 30) };
+        arg.value = if negative {
+            magnitude.wrapping_neg()
+        } else {
+            magnitude
+        };
+    } else if name & 0xffff_ffff_ffff == NAME_FLOAT {
+        arg.kind = python_arg::FLOAT;
+        arg.value = read_u64(object + FLOAT_VALUE);
+    } else if name & 0xffff_ffff == NAME_STR {
+        arg.kind = python_arg::STR;
+        arg.length = read_u64(object + OBJECT_SIZE) as u32;
+        if read_u32(object + STATE_OFFSET) & COMPACT_ASCII == COMPACT_ASCII {
+            read_str(object + u64::from(offsets.ascii_data), &mut arg.text);
+        }
+    } else if name == NAME_NONE {
+        arg.kind = python_arg::NONE;
+    } else {
+        arg.kind = python_arg::OTHER;
+        read_str(type_name, &mut arg.text);
     }
 }
 
@@ -247,6 +373,8 @@ const TP_NAME: u64 = 24;
 const EXCEPTION_ARGS: u64 = 24;
 const TUPLE_SIZE: u64 = 16;
 const TUPLE_ITEMS: u64 = 24;
+/// `PyBytesObject.ob_sval` (its size is where a tuple's is).
+const BYTES_DATA: u64 = 32;
 
 #[inline(always)]
 fn read_str<const N: usize>(address: u64, into: &mut [u8; N]) {
@@ -328,8 +456,38 @@ fn judge(tgid: u32, code: u64, filename: u64, name: u64, line: u32, offsets: &Py
     event.tgid = tgid;
     event.code = code;
     event.line = line;
-    event._pad = 0;
     event.name[0] = 0;
+    // The line table: a `bytes` object's size and characters. A read past
+    // a short table's end may fault at a page's edge: then the agent reads
+    // it.
+    let table = read_u64(code + u64::from(offsets.code_linetable));
+    event.line_table_len = read_u64(table + TUPLE_SIZE) as u32;
+    let read = unsafe {
+        generated::bpf_probe_read_user(
+            event.line_table.as_mut_ptr().cast(),
+            PYTHON_LINE_TABLE_MAX as u32,
+            (table + BYTES_DATA) as *const _,
+        )
+    };
+    if read != 0 {
+        event.line_table_len = u32::MAX;
+    }
+    for index in 0..PYTHON_ARGS_MAX {
+        event.parameters[index][0] = 0;
+    }
+    if offsets.capture_args != 0 {
+        let names = read_u64(code + u64::from(offsets.code_varnames));
+        let count = read_u64(names + TUPLE_SIZE);
+        for index in 0..PYTHON_ARGS_MAX {
+            if index as u64 >= count {
+                break;
+            }
+            let name = read_u64(names + TUPLE_ITEMS + 8 * index as u64);
+            if read_u32(name + STATE_OFFSET) & COMPACT_ASCII == COMPACT_ASCII {
+                read_str(name + u64::from(offsets.ascii_data), &mut event.parameters[index]);
+            }
+        }
+    }
     if read_u32(name + STATE_OFFSET) & COMPACT_ASCII == COMPACT_ASCII {
         unsafe {
             generated::bpf_probe_read_user_str(

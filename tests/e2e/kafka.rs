@@ -725,6 +725,7 @@ mod hand_built {
             parent_span_id: parent,
             caller_span_id: None,
             http: None,
+            arguments: Vec::new(),
             fn_id,
             pid: 1,
             tid: 2,

@@ -675,6 +675,7 @@ fn error_traces_always_go_out_with_their_exception() {
             parent_span_id: parent,
             caller_span_id: None,
             http: None,
+            arguments: Vec::new(),
             fn_id,
             pid: 40,
             tid: 41,

@@ -527,7 +527,7 @@ fn unsupported_versions_are_refused_and_an_empty_root_is_said() {
     assert!(status.success(), "{stderr}");
     assert!(stdout.contains(" is Python 3.10 ("), "{stdout}");
     assert!(
-        stdout.contains("6 Python files under the project root"),
+        stdout.contains("7 Python files under the project root"),
         "{stdout}"
     );
     assert!(stdout.contains("shop/payments.py"), "{stdout}");
@@ -580,6 +580,7 @@ fn a_flask_service_under_gunicorn_sends_its_error_trace_to_kafka() {
         .env("OMEGI_SERVICE_NAME", "orders")
         .env("OMEGI_TOKEN", "token-orders")
         .env("OMEGI_PYTHON_EVAL_HOOK", "1")
+        .env("OMEGI_CAPTURE_ARGS", "1")
         .args(["--format", "json", "--output"])
         .arg(&spans_file)
         .args(["--pid", &worker])
@@ -662,6 +663,17 @@ fn a_flask_service_under_gunicorn_sends_its_error_trace_to_kafka() {
         .map(|span| span["name"].as_str().unwrap())
         .collect();
     assert!(names.contains(&"orders.app.order"), "{names:?}");
+    // `--capture-args` in the seed's form: the `str()` of its list.
+    let reserve = message["spans"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|span| span["name"] == "orders.pricing.reserve")
+        .expect("the reserve span");
+    assert_eq!(
+        reserve["attributes"]["arguments"], "['item: str = pear', 'count: int = 1']",
+        "{reserve}"
+    );
     let handler = message["spans"]
         .as_array()
         .unwrap()
@@ -759,4 +771,76 @@ fn without_attach_cookies_a_static_interpreter_is_traced_and_a_shared_one_refuse
              shop.cart.by_price shop.cart.prices shop.cart.prices {ORDERS} {LAST_ORDER})"
         )
     );
+}
+
+/// `--capture-args`: each call's first six arguments as the seed wrote
+/// them, `name: type = value`, on every version and build: numbers, `bool`,
+/// `None` and the start of an ASCII `str` by value, anything else by its
+/// type's name. Without the option no call has any.
+#[test]
+fn capture_args_sends_each_calls_arguments_as_the_seed_did() {
+    let cookies = kernel_has_attach_cookies();
+    for python in interpreters() {
+        let label = &python.label;
+        if python.shared && !cookies {
+            continue;
+        }
+        for capture in [true, false] {
+            let dir = omegi_tests::scratch_dir("python-arguments");
+            let spans_file = dir.join("spans.jsonl");
+            let extra: &[&str] = if capture {
+                &["--quiet", "--capture-args"]
+            } else {
+                &["--quiet"]
+            };
+            let mut command = agent(extra, &spans_file);
+            command
+                .arg("--")
+                .arg(&python.path)
+                .arg(app().join("arguments.py"));
+            let (status, stdout, stderr) = run::run_to_end(command);
+            assert!(status.success(), "{label}: {stderr}");
+            assert_eq!(stdout, "[-42, 1180591620717411303424]\n", "{label}");
+            let spans = parse_lines(&std::fs::read_to_string(&spans_file).unwrap());
+            let arguments: Vec<Vec<String>> = spans
+                .iter()
+                .filter(|span| span.name == "arguments.order")
+                .map(|span| {
+                    span.attributes
+                        .get("arguments")
+                        .and_then(|value| value.as_array())
+                        .map(|items| {
+                            items
+                                .iter()
+                                .map(|item| item.as_str().unwrap().to_owned())
+                                .collect()
+                        })
+                        .unwrap_or_default()
+                })
+                .collect();
+            let expected: Vec<Vec<String>> = if capture {
+                vec![
+                    vec![
+                        "count: int = -42".into(),
+                        "item: str = apple".into(),
+                        "ratio: float = 2.5".into(),
+                        "express: bool = True".into(),
+                        "note: NoneType = None".into(),
+                        "cart: Cart = <Cart object>".into(),
+                    ],
+                    vec![
+                        "count: int = <more than 60 bits>".into(),
+                        format!("item: str = {}…", "x".repeat(31)),
+                        "ratio: float = 1e+20".into(),
+                        "express: bool = False".into(),
+                        "note: str = <non-ASCII str of length 1>".into(),
+                        "cart: list = <list object>".into(),
+                    ],
+                ]
+            } else {
+                vec![Vec::new(), Vec::new()]
+            };
+            assert_eq!(arguments, expected, "{label}, capture {capture}");
+        }
+    }
 }

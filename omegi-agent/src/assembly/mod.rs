@@ -48,6 +48,7 @@ use crate::http::{HttpSpan, Messages, Side, TraceParent};
 
 pub use errors::{ErrorInfo, ErrorKind, FlowStep, Outcome, StackFrame};
 use errors::{ThreadError, Transition};
+pub use python::python_list_repr;
 pub use rules::{FunctionRule, ReturnRule};
 
 /// A trace with no new span for this long is handed on as a piece.
@@ -154,6 +155,9 @@ pub struct Span {
     pub status: Status,
     /// For an HTTP request (then `fn_id` is `omegi_common::NO_FUNCTION`).
     pub http: Option<Box<HttpSpan>>,
+    /// A Python call's arguments with `--capture-args`, as the seed wrote
+    /// them: `name: type = value`.
+    pub arguments: Vec<String>,
 }
 
 impl Span {
@@ -354,6 +358,13 @@ impl Assembler {
         }
     }
 
+    /// Takes a traced Python call's arguments (`--capture-args`).
+    pub fn on_python_args(&mut self, event: &omegi_common::PythonArgsEvent) {
+        if let Some(python) = &mut self.python {
+            python.on_args(event);
+        }
+    }
+
     /// Takes what a Python exception leaving a traced call is.
     pub fn on_python_exception(&mut self, event: &PythonExceptionEvent) {
         if let Some(python) = &mut self.python {
@@ -431,6 +442,10 @@ impl Assembler {
             end: SpanEnd::from_kernel(event.end_reason),
             status: Status::Unset,
             http: None,
+            arguments: match &mut self.python {
+                Some(python) => python.take_arguments(event.span_id),
+                None => Vec::new(),
+            },
         };
         if event.flags & (span_flags::HTTP_SERVER | span_flags::HTTP_CLIENT) != 0 {
             let side = if event.flags & span_flags::HTTP_SERVER != 0 {
@@ -775,6 +790,9 @@ impl Assembler {
         };
         for event in stale {
             ready.extend(self.on_span(&event));
+        }
+        if let Some(python) = &mut self.python {
+            python.forget_arguments_older_than(python::resumes::SUSPENDED_KEPT);
         }
         let mut pieces = Vec::new();
         for (key, pending) in &mut self.pending {

@@ -217,6 +217,8 @@ pub struct KernelOptions {
     pub debug_ebpf: bool,
     /// Follow HTTP/1.x on traced processes' TCP sockets (`--propagation`).
     pub http: bool,
+    /// Read traced Python calls' arguments (`--capture-args`).
+    pub capture_args: bool,
 }
 
 /// The maps the agent reads while tracing.
@@ -509,7 +511,8 @@ impl Probes {
             },
             Err(_) => None,
         };
-        let (python_offsets, python_root) = python_settings(table, &features, single)?;
+        let (mut python_offsets, python_root) = python_settings(table, &features, single)?;
+        python_offsets.capture_args = u32::from(options.capture_args);
         let http_enabled = u8::from(socket_offsets.is_some());
         let socket_offsets = socket_offsets.unwrap_or_default();
         let mut ebpf = EbpfLoader::new()

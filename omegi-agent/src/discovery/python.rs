@@ -369,6 +369,17 @@ fn offsets(minor: u8) -> PythonOffsets {
         12 => (56, 192),
         _ => (56, 200),
     };
+    // The parameters: their counts in the code, their values first among
+    // the frame's locals.
+    let (code_argcount, code_kwonly, frame_locals) = match minor {
+        10 => (16, 24, 352),
+        11 => (56, 64, 72),
+        _ => (52, 60, 72),
+    };
+    let (code_varnames, code_linetable) = match minor {
+        10 => (72, 120),
+        _ => (96, 136),
+    };
     PythonOffsets {
         frame_code,
         code_filename,
@@ -384,6 +395,14 @@ fn offsets(minor: u8) -> PythonOffsets {
         state_created,
         frame_instr,
         code_units,
+        code_argcount,
+        code_kwonly,
+        frame_locals,
+        long_tagged: u32::from(minor >= 12),
+        capture_args: 0,
+        code_varnames,
+        code_linetable,
+        _pad: 0,
     }
 }
 

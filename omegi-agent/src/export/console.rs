@@ -340,6 +340,7 @@ mod tests {
             parent_span_id: parent,
             caller_span_id: None,
             http: None,
+            arguments: Vec::new(),
             fn_id,
             pid: 7,
             tid: 8,

@@ -72,6 +72,9 @@ pub fn span_json(trace: &Trace, span: &Span, context: &ExportContext) -> Value {
     }
     attributes.insert(span.runner_attribute().into(), span.tid.into());
     attributes.insert("process.pid".into(), span.pid.into());
+    if !span.arguments.is_empty() {
+        attributes.insert("arguments".into(), span.arguments.clone().into());
+    }
     attributes.insert("omegi.end".into(), span.end.as_str().into());
     if let Some(caller) = span.caller_span_id {
         attributes.insert("omegi.caller.span_id".into(), span_id_hex(caller).into());
@@ -186,6 +189,10 @@ impl SpanWriter {
         }
         if !trace.complete {
             out.extend_from_slice(b",\"omegi.trace.partial\":true");
+        }
+        if !span.arguments.is_empty() {
+            out.extend_from_slice(b",\"arguments\":");
+            let _ = serde_json::to_writer(&mut *out, &span.arguments);
         }
         out.extend_from_slice(b"},");
         out.extend_from_slice(self.resource.as_bytes());

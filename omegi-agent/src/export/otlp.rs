@@ -244,6 +244,14 @@ pub fn span_data(
         }
     }
     attributes.push(KeyValue::new(span.runner_attribute(), i64::from(span.tid)));
+    if !span.arguments.is_empty() {
+        // The seed's: a string array.
+        let arguments = span.arguments.iter().cloned().map(Into::into).collect();
+        attributes.push(KeyValue::new(
+            "arguments",
+            opentelemetry::Value::Array(opentelemetry::Array::String(arguments)),
+        ));
+    }
     attributes.push(KeyValue::new("process.pid", i64::from(span.pid)));
     attributes.push(KeyValue::new("omegi.end", span.end.as_str()));
     if let Some(caller) = span.caller_span_id {
@@ -711,6 +719,7 @@ mod tests {
             parent_span_id: parent,
             caller_span_id: None,
             http: None,
+            arguments: Vec::new(),
             fn_id,
             pid: 7,
             tid: 8,

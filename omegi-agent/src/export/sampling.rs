@@ -42,6 +42,7 @@ mod tests {
                 parent_span_id: 0,
                 caller_span_id: None,
                 http: None,
+                arguments: Vec::new(),
                 fn_id: 0,
                 pid: 1,
                 tid: 1,

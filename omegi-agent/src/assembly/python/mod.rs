@@ -8,7 +8,7 @@
 
 use std::{collections::HashMap, path::PathBuf, sync::Arc};
 
-use omegi_common::{PythonCodeEvent, PythonExceptionEvent, SpanEvent};
+use omegi_common::{PythonArgsEvent, PythonCodeEvent, PythonExceptionEvent, SpanEvent};
 
 use super::errors::{ErrorInfo, ErrorKind, FlowStep, Outcome, StackFrame};
 use crate::discovery::{
@@ -16,10 +16,12 @@ use crate::discovery::{
     Function, FunctionTable,
 };
 
+mod arguments;
 mod lines;
 mod objects;
 pub mod resumes;
 
+pub use arguments::python_list_repr;
 pub use resumes::{Moves, Step, END_SUSPENDED};
 
 /// The type name of a Python exception whose type could not be read.
@@ -80,6 +82,12 @@ pub struct PythonCalls {
     /// The line tables of the functions' code, for the lines exceptions
     /// passed.
     lines: HashMap<u32, lines::LineTable>,
+    /// The parameter names of the functions' code (`--capture-args`).
+    parameters: HashMap<u32, Vec<String>>,
+    /// Arguments read of calls whose spans have not come yet, by span id,
+    /// and when they came (the spans of some never come: left out, too
+    /// short for `--min-duration`).
+    arguments: HashMap<u64, (Vec<String>, std::time::Instant)>,
 }
 
 impl PythonCalls {
@@ -103,6 +111,8 @@ impl PythonCalls {
             skipped: HashMap::new(),
             resumes: resumes::Resumes::default(),
             lines: HashMap::new(),
+            parameters: HashMap::new(),
+            arguments: HashMap::new(),
         })
     }
 
@@ -134,12 +144,19 @@ impl PythonCalls {
                     .is_none_or(|python| python.filter.keeps(&name));
                 let id = self.table.add_found(function);
                 self.functions.insert(key, id);
-                // Read while the process surely lives: its first call.
-                if let Some(table) = self.python.as_ref().and_then(|python| {
-                    objects::line_table(event.tgid, event.code, event.line, python)
-                }) {
+                if let Some(table) = self.line_table(event) {
                     self.lines.insert(id, table);
                 }
+                let parameters: Vec<String> = event
+                    .parameters
+                    .iter()
+                    .map(|name| text(name))
+                    .take_while(|name| !name.is_empty())
+                    .collect();
+                if !parameters.is_empty() {
+                    self.parameters.insert(id, parameters);
+                }
+
                 if !kept {
                     self.left_out.insert(id);
                 }
@@ -148,6 +165,21 @@ impl PythonCalls {
         };
         self.codes.insert((event.tgid, event.code), id);
         !self.left_out.contains(&id)
+    }
+
+    /// A code object's line table: as the kernel read it, else (a long
+    /// one) from the process, which is then most likely still running.
+    fn line_table(&self, event: &PythonCodeEvent) -> Option<lines::LineTable> {
+        let python = self.python.as_ref()?;
+        let length = event.line_table_len as usize;
+        if length <= event.line_table.len() {
+            return Some(lines::LineTable {
+                first_line: event.line,
+                table: event.line_table[..length].to_vec(),
+                locations: python.minor >= 11,
+            });
+        }
+        objects::line_table(event.tgid, event.code, event.line, python)
     }
 
     /// The function a span of `fn_id` with this `entry_ip` in process
@@ -205,6 +237,37 @@ impl PythonCalls {
             }
             span.parent_span_id = parent;
         }
+    }
+
+    /// A traced call's arguments (`--capture-args`): kept until its span
+    /// comes.
+    pub fn on_args(&mut self, event: &PythonArgsEvent) {
+        let id = self.codes.get(&(event.tgid, event.code)).copied();
+        let names = id
+            .and_then(|id| self.parameters.get(&id))
+            .map_or(&[][..], Vec::as_slice);
+        let described = arguments::describe(event, names);
+        self.arguments
+            .insert(event.span_id, (described, std::time::Instant::now()));
+    }
+
+    /// The arguments of the call with span `span_id`, if they were read.
+    pub fn take_arguments(&mut self, span_id: u64) -> Vec<String> {
+        if self.arguments.is_empty() {
+            return Vec::new();
+        }
+        self.arguments
+            .remove(&span_id)
+            .map(|(arguments, _)| arguments)
+            .unwrap_or_default()
+    }
+
+    /// Forgets the arguments of calls whose spans did not come within
+    /// `kept`.
+    pub fn forget_arguments_older_than(&mut self, kept: std::time::Duration) {
+        let now = std::time::Instant::now();
+        self.arguments
+            .retain(|_, (_, since)| now.duration_since(*since) < kept);
     }
 
     /// Python calls the kernel side named (the interpreter ran code under

@@ -290,6 +290,13 @@ pub fn wire_span(trace: &Trace, span: &Span, context: &ExportContext) -> Value {
     put("name", short);
     put(span.runner_attribute(), span.tid.to_string());
     put("process.pid", span.pid.to_string());
+    if !span.arguments.is_empty() {
+        // The seed's `str()` of its list, as its formatter wrote it.
+        put(
+            "arguments",
+            crate::assembly::python_list_repr(&span.arguments),
+        );
+    }
     if let Some(http) = &span.http {
         for (key, value) in http.attributes() {
             put(
@@ -452,6 +459,7 @@ mod tests {
             parent_span_id: parent,
             caller_span_id: None,
             http: None,
+            arguments: Vec::new(),
             fn_id,
             pid: 70,
             tid: 71,
