@@ -341,6 +341,7 @@ async fn trace(
             if !process::is_alive(pid) {
                 return Err(ProcessError::ExitedDuringAttach(pid).into());
             }
+            tracing::debug!("process {pid} is traced");
             hooks.install(pid);
             tokio::select! {
                 exited = process::wait_exit(pid) => { exited?; Ending::TargetExited }
@@ -513,11 +514,17 @@ impl PythonHooks {
         });
     }
 
-    /// Sets every hook back.
+    /// Sets every hook back, in the processes forked since too.
     fn remove_all(&self) {
+        let Some(interpreter) = &self.interpreter else {
+            return;
+        };
+        let (_, library, data) = &**interpreter;
         for hook in lock(&self.set).drain(..) {
-            if let Err(error) = hook.remove() {
-                tracing::warn!("could not set the eval hook back: {error}");
+            match hook.remove(library, data) {
+                Ok(0) => {}
+                Ok(forks) => tracing::info!("eval hook set back in {forks} forked processes too"),
+                Err(error) => tracing::warn!("could not set the eval hook back: {error}"),
             }
         }
     }

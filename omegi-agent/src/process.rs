@@ -111,6 +111,34 @@ pub fn resolve_command(program: &OsString) -> Result<PathBuf, ProcessError> {
     which::which(program).map_err(|_| ProcessError::CommandNotFound(shown))
 }
 
+/// The processes descended from `pid` (its children, theirs, …), from
+/// each `/proc/PID/stat`'s parent field.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let parents: Vec<(u32, u32)> = entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|child| {
+            let text = std::fs::read_to_string(format!("/proc/{child}/stat")).ok()?;
+            let mut fields = text.get(text.rfind(')')? + 1..)?.split_whitespace();
+            let parent = fields.nth(1)?.parse().ok()?;
+            Some((child, parent))
+        })
+        .collect();
+    let mut found = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(parent) = frontier.pop() {
+        for &(child, _) in parents.iter().filter(|(_, of)| *of == parent) {
+            if !found.contains(&child) {
+                found.push(child);
+                frontier.push(child);
+            }
+        }
+    }
+    found
+}
+
 /// Whether the process exists and has not exited: a zombie (exited, not yet
 /// reaped by its parent) still has a pid but runs nothing.
 pub fn is_alive(pid: u32) -> bool {

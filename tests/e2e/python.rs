@@ -527,7 +527,7 @@ fn unsupported_versions_are_refused_and_an_empty_root_is_said() {
     assert!(status.success(), "{stderr}");
     assert!(stdout.contains(" is Python 3.10 ("), "{stdout}");
     assert!(
-        stdout.contains("7 Python files under the project root"),
+        stdout.contains("8 Python files under the project root"),
         "{stdout}"
     );
     assert!(stdout.contains("shop/payments.py"), "{stdout}");
@@ -843,4 +843,96 @@ fn capture_args_sends_each_calls_arguments_as_the_seed_did() {
             assert_eq!(arguments, expected, "{label}, capture {capture}");
         }
     }
+}
+
+/// A process forked after the eval hook was set (a gunicorn master's
+/// worker) is a copy with the hook in it: at detach it is set back there
+/// too. Seen from outside: a second agent without the hook then sees the
+/// worker's calls made from C, but not those made from Python.
+#[test]
+fn the_eval_hook_is_set_back_in_forked_workers_at_detach() {
+    let python = interpreters()
+        .into_iter()
+        .find(|python| python.minor == 12)
+        .unwrap();
+    let mut program = Command::new(&python.path)
+        .arg(app().join("forks.py"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = program.stdin.take().unwrap();
+    let mut output = BufReader::new(program.stdout.take().unwrap());
+    let mut line = String::new();
+    output.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+
+    let dir = omegi_tests::scratch_dir("python-forks");
+    let mut hooking = agent(&["--python-eval-hook"], &dir.join("hooked.jsonl"))
+        .arg("--pid")
+        .arg(program.id().to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut hooking_err = BufReader::new(hooking.stderr.take().unwrap());
+    let mut said = String::new();
+    while !said.contains("eval hook set in process") {
+        let mut line = String::new();
+        assert!(hooking_err.read_line(&mut line).unwrap() > 0, "{said}");
+        said.push_str(&line);
+    }
+    input.write_all(b"fork\n").unwrap();
+    line.clear();
+    output.read_line(&mut line).unwrap();
+    let worker: u32 = line
+        .strip_prefix("worker ")
+        .and_then(|pid| pid.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{line}"));
+    // SAFETY: kill has no memory preconditions.
+    unsafe { libc::kill(hooking.id() as i32, libc::SIGINT) };
+    let status = run::wait_with_timeout(&mut hooking, run::RUN_TIMEOUT).expect("agent ends");
+    std::io::Read::read_to_string(&mut hooking_err, &mut said).unwrap();
+    assert!(status.success(), "{said}");
+    assert!(
+        said.contains("eval hook set back in 1 forked processes too"),
+        "{said}"
+    );
+
+    let spans_file = dir.join("after.jsonl");
+    let mut watching = agent(&["-v"], &spans_file)
+        .arg("--pid")
+        .arg(worker.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut watching_err = BufReader::new(watching.stderr.take().unwrap());
+    let mut said = String::new();
+    while !said.contains(&format!("process {worker} is traced")) {
+        let mut line = String::new();
+        assert!(watching_err.read_line(&mut line).unwrap() > 0, "{said}");
+        said.push_str(&line);
+    }
+    input.write_all(b"run\n").unwrap();
+    drop(input);
+    line.clear();
+    output.read_line(&mut line).unwrap();
+    assert_eq!(line, "ranked [4, 3] fib 3\n");
+    let status = run::wait_with_timeout(&mut program, run::RUN_TIMEOUT).expect("program ends");
+    assert!(status.success());
+    let status = run::wait_with_timeout(&mut watching, run::RUN_TIMEOUT).expect("agent ends");
+    std::io::Read::read_to_string(&mut watching_err, &mut said).unwrap();
+    assert!(status.success(), "{said}");
+    let spans = parse_lines(&std::fs::read_to_string(&spans_file).unwrap());
+    let mut names: Vec<&str> = spans.iter().map(|span| span.name.as_str()).collect();
+    names.sort();
+    // `fib` is called from Python: seen only if the hook were still set.
+    assert_eq!(
+        names,
+        ["shop.cart.by_price", "shop.cart.by_price"],
+        "{said}"
+    );
 }

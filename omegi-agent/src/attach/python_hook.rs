@@ -50,6 +50,8 @@ pub struct EvalHook {
     address: u64,
     /// What was written there.
     value: u64,
+    /// Where the interpreter's file is mapped (its load bias).
+    bias: u64,
 }
 
 impl EvalHook {
@@ -87,6 +89,7 @@ impl EvalHook {
             pid,
             address,
             value,
+            bias,
         })
     }
 
@@ -115,20 +118,42 @@ impl EvalHook {
         }
     }
 
-    /// Sets the pointer back to none, if it still holds ours.
-    pub fn remove(self) -> Result<(), HookError> {
-        let pid = self.pid;
-        let result = memory(pid).and_then(|memory| {
-            if read_u64(&memory, pid, self.address)? == self.value {
-                memory
-                    .write_at(&0u64.to_ne_bytes(), self.address)
-                    .map_err(|source| HookError::Memory { pid, source })?;
+    /// Sets the pointer back to none, if it still holds ours, in the
+    /// process and in the processes it forked since (a gunicorn master's
+    /// workers: a copy of its memory, hook included), which map the
+    /// interpreter (`library`, bytes `data`) where it did and have not run
+    /// another program. Returns how many forks it was set back in.
+    pub fn remove(self, library: &Path, data: &[u8]) -> Result<usize, HookError> {
+        let forks: Vec<u32> = crate::process::descendants(self.pid)
+            .into_iter()
+            .filter(|&child| load_bias(child, library, data) == Some(self.bias))
+            .collect();
+        let mut set_back = 0;
+        for &child in &forks {
+            // A fork that has exited since is no failure.
+            if matches!(self.set_back(child), Ok(true)) {
+                set_back += 1;
             }
-            Ok(())
+        }
+        self.set_back(self.pid)?;
+        Ok(set_back)
+    }
+
+    /// Writes none over the pointer in `pid` if it holds ours; whether it
+    /// did.
+    fn set_back(&self, pid: u32) -> Result<bool, HookError> {
+        let result = memory(pid).and_then(|memory| {
+            if read_u64(&memory, pid, self.address)? != self.value {
+                return Ok(false);
+            }
+            memory
+                .write_at(&0u64.to_ne_bytes(), self.address)
+                .map_err(|source| HookError::Memory { pid, source })?;
+            Ok(true)
         });
         match result {
             // The process has exited, and its memory with it.
-            Err(_) if !crate::process::is_alive(pid) => Ok(()),
+            Err(_) if !crate::process::is_alive(pid) => Ok(false),
             other => other,
         }
     }
