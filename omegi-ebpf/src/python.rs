@@ -95,13 +95,13 @@ pub fn on_entry(ctx: &ProbeContext, fn_id: u32) {
             let top = &mut stack.frames[stack::slot(depth - 1)];
             if top.sp == regs.rsp {
                 top.object = regs.rsi;
-                if first_resume(code, regs.rsi, &offsets) {
+                let resumable = read_u32(code + u64::from(offsets.code_flags)) & CO_RESUMABLE != 0;
+                let first = resumable && first_resume(regs.rsi, &offsets);
+                if first {
                     top.flags |= span_flags::PYTHON_FIRST_RESUME;
                 }
                 // A generator's arguments are its first resume's.
-                let resumed = read_u32(code + u64::from(offsets.code_flags)) & CO_RESUMABLE != 0
-                    && top.flags & span_flags::PYTHON_FIRST_RESUME == 0;
-                if offsets.capture_args != 0 && !resumed {
+                if offsets.capture_args != 0 && (!resumable || first) {
                     let span_id = top.span_id;
                     emit_args(tgid, tid, span_id, code, regs.rsi, &offsets);
                 }
@@ -303,13 +303,10 @@ fn code_unit(code: u64, frame: u64) -> u32 {
     unit as u32 + 1
 }
 
-/// Whether a call of `code` is a generator's first resume: its frame not
-/// yet run.
+/// Whether a call of a generator's code is its first resume: its frame
+/// not yet run.
 #[inline(always)]
-fn first_resume(code: u64, frame: u64, offsets: &PythonOffsets) -> bool {
-    if read_u32(code + u64::from(offsets.code_flags)) & CO_RESUMABLE == 0 {
-        return false;
-    }
+fn first_resume(frame: u64, offsets: &PythonOffsets) -> bool {
     if offsets.frame_owner != 0 && read_u8(frame + u64::from(offsets.frame_owner)) != OWNED_BY_GENERATOR {
         return false;
     }
