@@ -218,7 +218,19 @@ async fn trace(
             );
         }
     }
-    let report = probes.attach_functions(&table, &attach_path, mechanism)?;
+    let report = match probes.attach_functions(&table, &attach_path, mechanism) {
+        Ok(report) => report,
+        Err(error) => {
+            // Its files (through /proc/PID/root) went with it: the error
+            // the kernel gives then says less than this.
+            if let Target::Pid(pid) = &config.target {
+                if !process::is_alive(*pid) {
+                    return Err(ProcessError::ExitedDuringAttach(*pid).into());
+                }
+            }
+            return Err(error.into());
+        }
+    };
     let running_pid = match config.target {
         Target::Pid(pid) => Some(pid),
         _ => None,

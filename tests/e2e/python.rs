@@ -936,3 +936,49 @@ fn the_eval_hook_is_set_back_in_forked_workers_at_detach() {
         "{said}"
     );
 }
+
+/// An interpreter that exits while the agent attaches is said to have, in
+/// one line (its files, reached through `/proc/PID/root`, went with it; the
+/// kernel's refusal then said nothing about why).
+#[test]
+fn an_interpreter_that_exits_during_attach_is_said_to_have() {
+    let python = interpreters()
+        .into_iter()
+        .find(|python| python.minor == 12)
+        .unwrap();
+    let dir = omegi_tests::scratch_dir("python-exits");
+    for delay in ["0.05", "0.1", "0.2", "0.4", "0.8"] {
+        let mut target = Command::new(&python.path)
+            .arg("-c")
+            .arg(format!(
+                "print('ready', flush=True); import time; time.sleep({delay})"
+            ))
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(target.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let pid = target.id();
+        // Not reaped until the agent is done: the pid stays a zombie.
+        let mut command = agent(&["--quiet"], &dir.join("spans.jsonl"));
+        command.args(["--pid", &pid.to_string()]);
+        let (status, _, stderr) = run::run_to_end(command);
+        assert!(target.wait().unwrap().success());
+        if status.success() {
+            continue;
+        }
+        // After the warning that 3.12 without the hook sees calls from C.
+        let errors: Vec<&str> = stderr.lines().filter(|l| l.contains("error")).collect();
+        assert_eq!(
+            errors,
+            [format!(
+                "omegi-agent: error: process {pid} exited while omegi was attaching"
+            )],
+            "{stderr}"
+        );
+        return;
+    }
+    panic!("the interpreter never exited during attach");
+}
