@@ -558,6 +558,12 @@ fn unsupported_versions_are_refused_and_an_empty_root_is_said() {
 #[test]
 fn a_flask_service_under_gunicorn_sends_its_error_trace_to_kafka() {
     use omegi_tests::kafka::{self, Broker};
+    if !kernel_has_attach_cookies() {
+        // The service's interpreter is pyenv's 3.11, a shared libpython,
+        // refused on such kernels (see without_attach_cookies_…).
+        eprintln!("no attach cookies: the service's interpreter cannot be traced here");
+        return;
+    }
     let broker = Broker::start();
     let service = omegi_tests::fixtures::sources_dir().join("python/service");
     let port = kafka::free_port();
@@ -991,7 +997,9 @@ fn an_interpreter_that_exits_during_attach_is_said_to_have() {
         command.args(["--pid", &pid.to_string()]);
         let (status, _, stderr) = run::run_to_end(command);
         assert!(target.wait().unwrap().success());
-        if status.success() {
+        // Traced to its end, or gone before the agent began (a slow
+        // machine): try a longer life.
+        if status.success() || stderr.contains("has exited (its parent has not reaped it yet)") {
             continue;
         }
         // After the warning that 3.11+ without the hook sees calls from C.
