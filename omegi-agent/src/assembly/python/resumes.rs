@@ -98,10 +98,7 @@ impl Resumes {
                 None
             };
             if !suspended || event.object == 0 {
-                return match freed {
-                    Some(freed) => Step::Plain(Some(freed)),
-                    None => Step::Plain(None),
-                };
+                return Step::Plain(freed);
             }
             self.open.insert(
                 key,
