@@ -191,6 +191,9 @@ pub mod span_flags {
     /// never a later resume of another generator that lay at the same
     /// address and was freed unfinished.
     pub const PYTHON_FIRST_RESUME: u32 = 256;
+    /// Kernel side: the Python call's code makes generators (its flags, read
+    /// at the call's entry, are not read again at its exit).
+    pub const PYTHON_GENERATOR_CODE: u32 = 512;
 }
 
 /// The most a call counts for in [`FunctionState::total_ns`]: 1 ms.

@@ -96,7 +96,12 @@ pub fn on_entry(ctx: &ProbeContext, fn_id: u32) {
             if top.sp == regs.rsp {
                 top.object = regs.rsi;
                 let resumable = read_u32(code + u64::from(offsets.code_flags)) & CO_RESUMABLE != 0;
-                let first = resumable && first_resume(regs.rsi, &offsets);
+                let first = resumable
+                    && generator_state(regs.rsi, &offsets)
+                        .is_some_and(|state| i32::from(state) == offsets.state_created);
+                if resumable {
+                    top.flags |= span_flags::PYTHON_GENERATOR_CODE;
+                }
                 if first {
                     top.flags |= span_flags::PYTHON_FIRST_RESUME;
                 }
@@ -124,8 +129,8 @@ pub fn on_exit(regs: &pt_regs) {
         let top = &mut stack.frames[stack::slot(depth - 1)];
         if top.sp == regs.rsp {
             let left = depth as u32; // 1 + the call's depth
-            if regs.rax != 0 {
-                top.flags |= resumable_exit(top.entry_ip, top.object);
+            if regs.rax != 0 && top.flags & span_flags::PYTHON_GENERATOR_CODE != 0 {
+                top.flags |= generator_exit(top.object);
             }
             let top = *top;
             if regs.rax == 0 {
@@ -149,25 +154,28 @@ const CO_RESUMABLE: u32 = 0x20 | 0x80 | 0x200;
 /// The 3.11+ `FRAME_OWNED_BY_GENERATOR`.
 const OWNED_BY_GENERATOR: u8 = 1;
 
-/// How a call of `code` running `frame` left it with a value: as a
+/// How a call of a generator's code left `frame` with a value: as a
 /// generator's suspension ([`span_flags::PYTHON_SUSPENDED`]), as the call
 /// that made the generator ([`span_flags::PYTHON_CREATION`]), or neither
 /// (0).
 #[inline(always)]
-fn resumable_exit(code: u64, frame: u64) -> u32 {
-    let offsets = PYTHON_OFFSETS.load();
-    if read_u32(code + u64::from(offsets.code_flags)) & CO_RESUMABLE == 0 {
-        return 0;
+fn generator_exit(frame: u64) -> u32 {
+    match generator_state(frame, &PYTHON_OFFSETS.load()) {
+        None => span_flags::PYTHON_CREATION,
+        Some(state) if state < 0 => span_flags::PYTHON_SUSPENDED,
+        Some(_) => 0,
     }
+}
+
+/// The state of the generator whose frame (of a generator's code) is
+/// `frame`; `None` when the frame is not a generator's (3.11+: the call
+/// that makes the generator runs in a frame of its own).
+#[inline(always)]
+fn generator_state(frame: u64, offsets: &PythonOffsets) -> Option<i8> {
     if offsets.frame_owner != 0 && read_u8(frame + u64::from(offsets.frame_owner)) != OWNED_BY_GENERATOR {
-        return span_flags::PYTHON_CREATION;
+        return None;
     }
-    let state = read_u8(frame.wrapping_add(offsets.frame_state as i64 as u64)) as i8;
-    if state < 0 {
-        span_flags::PYTHON_SUSPENDED
-    } else {
-        0
-    }
+    Some(read_u8(frame.wrapping_add(offsets.frame_state as i64 as u64)) as i8)
 }
 
 /// `--capture-args`: the first arguments of a call of `code` in `frame`,
@@ -301,17 +309,6 @@ fn code_unit(code: u64, frame: u64) -> u32 {
         return 0;
     }
     unit as u32 + 1
-}
-
-/// Whether a call of a generator's code is its first resume: its frame
-/// not yet run.
-#[inline(always)]
-fn first_resume(frame: u64, offsets: &PythonOffsets) -> bool {
-    if offsets.frame_owner != 0 && read_u8(frame + u64::from(offsets.frame_owner)) != OWNED_BY_GENERATOR {
-        return false;
-    }
-    let state = read_u8(frame.wrapping_add(offsets.frame_state as i64 as u64)) as i8;
-    i32::from(state) == offsets.state_created
 }
 
 /// The thread's pending exception: its type's name and its message.

@@ -119,6 +119,27 @@ fn interpreters() -> Vec<Interpreter> {
     found
 }
 
+/// The first interpreter of 3.`at_least` or later that this kernel can
+/// trace (without attach cookies, only one linked into its executable).
+fn traceable_here(at_least: u8) -> Interpreter {
+    let cookies = kernel_has_attach_cookies();
+    interpreters()
+        .into_iter()
+        .find(|python| python.minor >= at_least && (cookies || !python.shared))
+        .expect("an interpreter this kernel can trace")
+}
+
+/// Reads lines of `reader` until one holds `needle`; all it read.
+fn read_until(reader: &mut impl BufRead, needle: &str) -> String {
+    let mut said = String::new();
+    while !said.contains(needle) {
+        let mut line = String::new();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "{said}");
+        said.push_str(&line);
+    }
+    said
+}
+
 /// `omegi-agent --project-root APP --format json --output FILE
 /// --split-after 0 [extra]`.
 fn agent(extra: &[&str], spans_file: &Path) -> Command {
@@ -433,11 +454,7 @@ fn without_the_eval_hook_calls_made_from_c_are_traced() {
 fn an_uncaught_exception_is_an_error_trace_and_ends_the_program_as_untraced() {
     // 3.10 sees every call; without attach cookies only the static 3.11
     // can be traced, with the hook.
-    let cookies = kernel_has_attach_cookies();
-    let python = interpreters()
-        .into_iter()
-        .find(|python| cookies || !python.shared)
-        .unwrap();
+    let python = traceable_here(10);
     let extra: &[&str] = if python.minor >= 11 {
         &["--quiet", "--python-eval-hook"]
     } else {
@@ -880,11 +897,7 @@ fn capture_args_sends_each_calls_arguments_as_the_seed_did() {
 /// worker's calls made from C, but not those made from Python.
 #[test]
 fn the_eval_hook_is_set_back_in_forked_workers_at_detach() {
-    let cookies = kernel_has_attach_cookies();
-    let python = interpreters()
-        .into_iter()
-        .find(|python| python.minor >= 11 && (cookies || !python.shared))
-        .unwrap();
+    let python = traceable_here(11);
     let mut program = Command::new(&python.path)
         .arg(app().join("forks.py"))
         .stdin(Stdio::piped())
@@ -907,12 +920,7 @@ fn the_eval_hook_is_set_back_in_forked_workers_at_detach() {
         .spawn()
         .unwrap();
     let mut hooking_err = BufReader::new(hooking.stderr.take().unwrap());
-    let mut said = String::new();
-    while !said.contains("eval hook set in process") {
-        let mut line = String::new();
-        assert!(hooking_err.read_line(&mut line).unwrap() > 0, "{said}");
-        said.push_str(&line);
-    }
+    let mut said = read_until(&mut hooking_err, "eval hook set in process");
     input.write_all(b"fork\n").unwrap();
     line.clear();
     output.read_line(&mut line).unwrap();
@@ -940,12 +948,7 @@ fn the_eval_hook_is_set_back_in_forked_workers_at_detach() {
         .spawn()
         .unwrap();
     let mut watching_err = BufReader::new(watching.stderr.take().unwrap());
-    let mut said = String::new();
-    while !said.contains(&format!("process {worker} is traced")) {
-        let mut line = String::new();
-        assert!(watching_err.read_line(&mut line).unwrap() > 0, "{said}");
-        said.push_str(&line);
-    }
+    let mut said = read_until(&mut watching_err, &format!("process {worker} is traced"));
     input.write_all(b"run\n").unwrap();
     drop(input);
     line.clear();
@@ -972,11 +975,7 @@ fn the_eval_hook_is_set_back_in_forked_workers_at_detach() {
 /// kernel's refusal then said nothing about why).
 #[test]
 fn an_interpreter_that_exits_during_attach_is_said_to_have() {
-    let cookies = kernel_has_attach_cookies();
-    let python = interpreters()
-        .into_iter()
-        .find(|python| python.minor >= 11 && (cookies || !python.shared))
-        .unwrap();
+    let python = traceable_here(11);
     let dir = omegi_tests::scratch_dir("python-exits");
     for delay in ["0.05", "0.1", "0.2", "0.4", "0.8"] {
         let mut target = Command::new(&python.path)
