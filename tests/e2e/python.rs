@@ -522,6 +522,18 @@ fn unsupported_versions_are_refused_and_an_empty_root_is_said() {
         );
     }
 
+    // A bad OMEGI_CAPTURE_ARGS is refused, not taken for off.
+    let mut command = agent(&[], Path::new("/dev/null"));
+    command
+        .env("OMEGI_CAPTURE_ARGS", "maybe")
+        .arg("--")
+        .arg(&interpreters()[0].path)
+        .args(["-c", "pass"]);
+    assert_eq!(
+        refused(command),
+        "omegi-agent: error: invalid value 'maybe' for '--capture-args [<CAPTURE_ARGS>]': value was not a boolean (omegi-agent --help lists the options)"
+    );
+
     let python = &interpreters()[0];
     let mut command = Command::new(agent_bin());
     command
